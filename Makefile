@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: model
-	$(BIN)/python bench/demo.py
+	$(BIN)/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) outputs

@@ -66,3 +66,52 @@ def tiny_llama(tokenizer):
 @pytest.fixture
 def tiny_olmo(tokenizer):
     return build_tiny_model("olmo", len(tokenizer))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_subset(source: Path, target: Path, rows: int) -> Path:
+    lines = source.read_text(encoding="utf-8").splitlines()[:rows]
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved with the real SmolLM2 tokenizer, loadable by `from_pretrained`."""
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    build_tiny_model("llama", len(tokenizer)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path, tiny_model_dir):
+    """Write a small run config (tiny 4-bit model, 16 train / 6 eval rows); returns a writer of variants."""
+    train = write_subset(ROOT / "data/kwanzaa_train.jsonl", tmp_path / "train.jsonl", 16)
+    evaluation = write_subset(ROOT / "data/kwanzaa_eval.jsonl", tmp_path / "eval.jsonl", 6)
+
+    def write(name: str = "run.yaml", **sections) -> Path:
+        import yaml
+
+        config = {
+            "run": {"name": "tiny", "output_dir": str(tmp_path / "outputs"), "seed": 7},
+            "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+            "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
+            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0,
+                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+            "data": {"train_file": str(train), "eval_file": str(evaluation), "max_seq_length": 640},
+            "training": {"num_epochs": 1, "max_steps": 4, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
+                         "learning_rate": 1e-3, "optimizer": "adamw_torch", "gradient_checkpointing": False,
+                         "logging_steps": 1, "device": "cpu"},
+            "evaluation": {"eval_steps": 2, "behavioral": False},
+            "checkpointing": {"save_steps": 2, "save_total_limit": 2},
+        }
+        for section, values in sections.items():
+            config[section] = {**config.get(section, {}), **values}
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    return write

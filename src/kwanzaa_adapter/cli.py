@@ -1,0 +1,168 @@
+"""The `kwanzaa-adapter` command: parse arguments, call library functions, map errors to exit codes.
+
+Exit codes: 0 success; 1 a verification failed; 2 bad input (config, data, paths, model reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_VERIFICATION, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _bad_input_errors() -> tuple[type[Exception], ...]:
+    from kwanzaa_adapter.artifacts import ArtifactError
+    from kwanzaa_adapter.config import ConfigError
+    from kwanzaa_adapter.data.validation import DataError
+    from kwanzaa_adapter.modeling import ModelReferenceError
+    from kwanzaa_adapter.rundir import RunDirectoryError
+
+    return ConfigError, DataError, ModelReferenceError, RunDirectoryError, ArtifactError
+
+
+def _verification_errors() -> tuple[type[Exception], ...]:
+    from kwanzaa_adapter.train_adapter import ArtifactInvalidError, WeightsChangedError
+
+    return WeightsChangedError, ArtifactInvalidError
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> int:
+    if args.dry_run:
+        from kwanzaa_adapter.planning import plan_run
+
+        print(plan_run(args.config, tuple(args.set), args.output_dir))
+        return EXIT_OK
+    from kwanzaa_adapter.train_adapter import train_adapter
+
+    result = train_adapter(args.config, tuple(args.set), args.output_dir, resume=args.resume)
+    print(f"artifact v{result.version}: {result.artifact_dir}")
+    s = result.summary
+    print(f"final eval loss {s.get('final_eval_loss'):.4f}, perplexity {s.get('final_perplexity'):.2f}, "
+          f"{s.get('steps')} steps, {s.get('mean_tokens_per_second') or 0:.0f} tokens/s")
+    return EXIT_OK
+
+
+def cmd_verify(args) -> int:
+    from kwanzaa_adapter.artifacts import verify_artifact
+
+    report = verify_artifact(Path(args.artifact_dir))
+    print(report.format())
+    return EXIT_OK if report.ok else EXIT_VERIFICATION
+
+
+def cmd_info(args) -> int:
+    from kwanzaa_adapter.artifacts import ArtifactError, format_info_table
+
+    directory = Path(args.artifact_dir)
+    try:
+        metadata = json.loads((directory / "metadata.json").read_text())
+        metrics = json.loads((directory / "training_metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{directory}: not a readable artifact: {exc}") from None
+    print(format_info_table(metadata, metrics))
+    return EXIT_OK
+
+
+def cmd_validate_data(args) -> int:
+    from kwanzaa_adapter.data.validation import format_report, validate_file
+
+    tokenizer = None
+    if args.config:
+        from kwanzaa_adapter.config import load_training_config
+        from kwanzaa_adapter.modeling import load_tokenizer, materialize, resolve_model_reference
+
+        config = load_training_config(args.config)
+        source = resolve_model_reference(config.model.name_or_path, config.model.revision)
+        tokenizer = load_tokenizer(materialize(source), config)
+        max_len, prompt = config.data.max_seq_length, config.data.system_prompt
+    else:
+        max_len, prompt = None, None
+    failed = False
+    for file in args.files:
+        kwargs = {"tokenizer": tokenizer, "max_seq_length": max_len}
+        if prompt:
+            kwargs["system_prompt"] = prompt
+        result = validate_file(Path(file), **kwargs)
+        print(format_report(result))
+        failed = failed or not result.ok
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from kwanzaa_adapter.answer import answer_json_schema
+
+    print(json.dumps(answer_json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_prepare_model(args) -> int:
+    from kwanzaa_adapter.modeling import materialize, resolve_model_reference
+
+    print(materialize(resolve_model_reference(args.reference)))
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kwanzaa-adapter", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train, verify and publish an adapter")
+    p.add_argument("--config", required=True, help="run configuration YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    p.add_argument("--output-dir", help="parent directory of the run directory (run.output_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and memory estimate; write nothing")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("verify", help="check an artifact's completeness and integrity")
+    p.add_argument("artifact_dir")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("info", help="an artifact's metadata and metrics as a table")
+    p.add_argument("artifact_dir")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("validate-data", help="check dataset files and print statistics")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--config", help="a run config: adds token-length checks with its model's tokenizer")
+    p.set_defaults(func=cmd_validate_data)
+
+    p = sub.add_parser("schema", help="print the kwanzaa.answer.v1 JSON Schema")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("prepare-model", help="resolve a model reference; convert GGUF/packaged models once")
+    p.add_argument("reference", help="packaged name, .gguf file, directory or hub id")
+    p.set_defaults(func=cmd_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.func(args)
+    except _bad_input_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except _verification_errors() as exc:
+        print(f"verification failed: {exc}", file=sys.stderr)
+        return EXIT_VERIFICATION
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

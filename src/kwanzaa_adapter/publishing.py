@@ -1,0 +1,202 @@
+"""Step 7: the published artifact: adapter, metadata, resolved config, metrics, model card, manifest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from kwanzaa_adapter import __version__
+from kwanzaa_adapter.artifacts import atomic_directory, seal_artifact
+from kwanzaa_adapter.modeling import file_sha256
+from kwanzaa_adapter.monitoring import plot_training_curves
+from kwanzaa_adapter.verification import verify_adapter_state_dict
+
+ARTIFACT_FORMAT = "kwanzaa-adapter.artifact.v1"
+CURVES_FILE = "training_curves.png"
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "pydantic")
+
+
+def library_versions() -> dict:
+    versions = {"kwanzaa-adapter": __version__, "python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hardware(device: str) -> dict:
+    info = {"device": device, "platform": platform.platform(), "processor": platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def dataset_record(path: str, report: dict) -> dict:
+    return {"file": str(path), "sha256": file_sha256(Path(path)), **report}
+
+
+def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral=None) -> dict:
+    return {
+        "format": ARTIFACT_FORMAT,
+        "artifact_version": run.version,
+        "run_name": config.run.name,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "base_model": {**bundle.source.identity, "model_digest": baseline["model_digest"],
+                       "family": config.model.family, "trust_remote_code": config.model.trust_remote_code,
+                       "quantization": config.quantization.model_dump(mode="json")},
+        "adapter": config.adapter.model_dump(mode="json"),
+        "datasets": {split: dataset_record(report["file"], report) for split, report in datasets.report.items()},
+        "config_sha256": config.digest(),
+        "seed": config.run.seed,
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "hardware": hardware(bundle.device),
+        "timings": {"total_seconds": round(time.time() - started, 1),
+                    "train_seconds": outcome.train_metrics.get("train_runtime")},
+        "parameters": {k: bundle.parameters[k] for k in ("trainable", "total", "percent")},
+        "optimizer": outcome.optimizer,
+        "notes": outcome.notes,
+        "final_metrics": final_metrics(outcome, behavioral),
+    }
+
+
+def final_metrics(outcome, behavioral=None) -> dict:
+    s = outcome.summary
+    metrics = {
+        "train_loss": s.get("final_loss"),
+        "eval_loss": s.get("final_eval_loss"),
+        "perplexity": s.get("final_perplexity"),
+        "best_eval_loss": s.get("best_eval_loss"),
+        "mean_tokens_per_second": s.get("mean_tokens_per_second"),
+        "steps": s.get("steps"),
+    }
+    if behavioral:
+        metrics["behavioral"] = behavioral
+    return metrics
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def generate_adapter_readme(config, metadata: dict, curves_file: str | None) -> str:
+    base = config.model.name_or_path
+    m = metadata["final_metrics"]
+    tags = "\n".join(f"  - {t}" for t in config.artifacts.tags)
+    behavioral = m.get("behavioral") or {}
+    rows = ["| metric | base | adapter |", "| --- | --- | --- |"]
+    for name in ("json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate"):
+        if name in behavioral.get("adapter", {}):
+            rows.append(f"| {name} | {_fmt(behavioral['base'].get(name))} | {_fmt(behavioral['adapter'][name])} |")
+    rows += [f"| eval loss | | {_fmt(m['eval_loss'])} |", f"| perplexity | | {_fmt(m['perplexity'])} |"]
+    q = config.quantization
+    quant = f"4-bit {q.quant_type}, double quant {q.double_quant}, compute {q.compute_dtype}" if q.load_in_4bit else "none"
+    t = config.training
+    return f"""---
+base_model: {base}
+library_name: peft
+license: {config.artifacts.license}
+pipeline_tag: text-generation
+tags:
+{tags}
+---
+
+# {config.run.name} v{metadata['artifact_version']}
+
+A LoRA adapter for `{base}` that answers questions from retrieved documents in the
+`kwanzaa.answer.v1` JSON contract, citing documents as `[n]` and refusing when the documents do
+not hold the answer. Trained with kwanzaa-adapter {metadata['versions']['kwanzaa-adapter']}.
+
+## Usage
+
+Verified load (checks every file against `checksums.json` first):
+
+```bash
+kwanzaa-adapter verify {config.run_dir / 'final_artifact'}
+kwanzaa-adapter generate --config <config> --adapter {config.run_dir / 'final_artifact'} --input records.jsonl
+```
+
+Plain PEFT, after verification:
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("<base model directory or hub id>")
+model = PeftModel.from_pretrained(base, "final_artifact")
+tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
+```
+
+## Training setup
+
+| setting | value |
+| --- | --- |
+| base model | `{base}` (digest `{metadata['base_model']['model_digest'][:16]}`) |
+| quantization | {quant} |
+| adapter | LoRA r={config.adapter.r}, alpha={config.adapter.alpha}, dropout={config.adapter.dropout}, targets {', '.join(config.adapter.target_modules)} |
+| trainable parameters | {metadata['parameters']['trainable']:,} of {metadata['parameters']['total']:,} |
+| data | {', '.join(f"{k}: {v['rows']} rows" for k, v in metadata['datasets'].items())} |
+| batch | {t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation, {config.data.batching}, max {config.data.max_seq_length} tokens |
+| schedule | lr {t.learning_rate} {t.lr_scheduler}, warmup {t.warmup_ratio}, {t.num_epochs} epochs, {metadata['final_metrics']['steps']} steps |
+| optimizer | {metadata['optimizer']}, clip {t.max_grad_norm} |
+| seed | {config.run.seed} |
+| config digest | `{metadata['config_sha256'][:16]}` |
+
+## Metrics
+
+{chr(10).join(rows)}
+
+{f"![Training curves]({curves_file})" if curves_file else ""}
+
+## Provenance
+
+Base weights were checksummed before and after training and are unchanged. Every file of this
+artifact is listed with its SHA-256 in `checksums.json`; `metadata.json` records the library
+versions, hardware, dataset digests and timings.
+"""
+
+
+def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavioral=None) -> Path:
+    """Write final_artifact/ atomically (temporary directory, then rename) and seal it."""
+    model = bundle.model
+    model.peft_config["default"].base_model_name_or_path = config.model.name_or_path
+    model.save_pretrained(run.adapter_path, safe_serialization=True)
+    metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral)
+    with atomic_directory(run.artifact_path) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        verify_adapter_state_dict(load_file(staging / "adapter_model.safetensors"))
+        plot_training_curves(outcome.history, staging / CURVES_FILE, title=f"{config.run.name} v{run.version}")
+        (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        (staging / "training_config.yaml").write_text(config.to_yaml())
+        training_metrics = {"summary": outcome.summary, "final_eval": outcome.final_eval,
+                            "train": outcome.train_metrics, "behavioral": behavioral}
+        (staging / "training_metrics.json").write_text(json.dumps(training_metrics, indent=2, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(generate_adapter_readme(config, metadata, CURVES_FILE))
+        seal_artifact(staging)
+    results = {"artifact": str(run.artifact_path), "metadata": metadata, "training_metrics": training_metrics}
+    run.results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return run.artifact_path

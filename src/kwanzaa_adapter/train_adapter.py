@@ -1,0 +1,152 @@
+"""`train_adapter()`: the eight steps of the training workflow (SPEC section 3), in order.
+
+Each step is one named function that returns what the next one takes. Everything that can be
+checked without a model (configuration, data files, the model reference, the output directory)
+is checked in step 1, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kwanzaa_adapter import modeling
+from kwanzaa_adapter.artifacts import verify_artifact
+from kwanzaa_adapter.config import KwanzaaConfig, load_training_config
+from kwanzaa_adapter.data.tokenization import tokenize_file
+from kwanzaa_adapter.data.validation import load_examples
+from kwanzaa_adapter.publishing import save_adapter_artifact
+from kwanzaa_adapter.rundir import RunDirectory, open_run_directory
+from kwanzaa_adapter.trainer import TrainingOutcome, run_trainer
+from kwanzaa_adapter.verification import (
+    get_trainable_parameters_summary,
+    report_dtype_changes,
+    save_base_model_checksums,
+    snapshot_dtypes,
+    verify_base_weights_unchanged,
+    verify_only_adapter_trainable,
+)
+
+log = logging.getLogger(__name__)
+
+
+class WeightsChangedError(Exception):
+    """Base weights differ from the baseline: the run failed and nothing was published."""
+
+
+class ArtifactInvalidError(Exception):
+    """The freshly written artifact did not pass verification."""
+
+
+@dataclass
+class ModelBundle:
+    model: object
+    tokenizer: object
+    source: modeling.ModelSource
+    device: str
+    parameters: dict
+    dtype_changes: list = field(default_factory=list)
+
+
+@dataclass
+class Datasets:
+    train: list
+    eval: list
+    report: dict
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    artifact_dir: Path
+    version: str
+    summary: dict
+
+
+def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), output_dir: str | None = None,
+                  resume: bool = False, callbacks: tuple = ()) -> TrainResult:
+    """Train, verify and publish an adapter. `callbacks` are extra transformers TrainerCallbacks."""
+    started = time.time()
+    config = load_configuration(config_path, overrides, output_dir)  # 1
+    device = modeling.resolve_device(config.training.device)
+    run = open_run_directory(config, resume=resume)  # never over a published artifact; takes the lock
+    with run:
+        bundle = initialize_model(config, device)  # 2
+        baseline = save_baseline(bundle, run)  # 3
+        datasets = load_datasets(config, bundle)  # 4
+        outcome = training_loop(config, bundle, datasets, run, resume, callbacks)  # 5
+        verify_weights(bundle, run)  # 6
+        artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started)  # 7
+        validate_artifact(artifact)  # 8
+    return TrainResult(run.path, artifact, run.version, outcome.summary)
+
+
+def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
+    """Step 1: compose and validate the config, then check data files and the model reference."""
+    extra = (f"run.output_dir={output_dir}",) if output_dir else ()
+    config = load_training_config(config_path, (*overrides, *extra))
+    for path in (config.data.train_file, config.data.eval_file):
+        load_examples(path, config.data.system_prompt)  # raises DataError listing every bad line
+    modeling.resolve_model_reference(config.model.name_or_path, config.model.revision)
+    return config
+
+
+def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
+    """Step 2: base model (4-bit where configured), LoRA, and the freeze check."""
+    model, tokenizer, source = modeling.load_base_model(config, device)
+    before = snapshot_dtypes(model)
+    model = modeling.add_adapter(model, config)
+    verify_only_adapter_trainable(model)
+    parameters = get_trainable_parameters_summary(model)
+    changes = report_dtype_changes(before, model)
+    log.info("trainable %s of %s parameters (%.3f%%)", parameters["trainable"], parameters["total"],
+             parameters["percent"])
+    for change in changes:
+        log.info("k-bit preparation changed dtype: %s", change)
+    return ModelBundle(model, tokenizer, source, device, parameters, changes)
+
+
+def save_baseline(bundle: ModelBundle, run: RunDirectory) -> dict:
+    """Step 3: SHA-256 of every base tensor, packed 4-bit data and quantization state included."""
+    return save_base_model_checksums(bundle.model, run.baseline_path)
+
+
+def load_datasets(config: KwanzaaConfig, bundle: ModelBundle) -> Datasets:
+    """Step 4: render, tokenize (labels on assistant tokens), report truncation."""
+    splits, reports = {}, {}
+    for split, path in (("train", config.data.train_file), ("eval", config.data.eval_file)):
+        examples, report = tokenize_file(path, bundle.tokenizer, config.data.max_seq_length,
+                                         system_prompt=config.data.system_prompt,
+                                         cache_dir=modeling.cache_root() / "tokenized")
+        splits[split] = [example.as_features() for example in examples]
+        reports[split] = {"file": str(path), **dataclasses.asdict(report)}
+        log.info("%s data: %s", split, reports[split])
+    return Datasets(splits["train"], splits["eval"], reports)
+
+
+def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirectory, resume: bool,
+                  callbacks: tuple) -> TrainingOutcome:
+    """Step 5: the transformers Trainer."""
+    return run_trainer(config, bundle, datasets, run, resume=resume, callbacks=callbacks)
+
+
+def verify_weights(bundle: ModelBundle, run: RunDirectory) -> None:
+    """Step 6: recompute base checksums; any difference fails the run before anything is published."""
+    diff = verify_base_weights_unchanged(bundle.model, run.baseline_path)
+    if not diff.ok:
+        raise WeightsChangedError(f"base weights changed during training:\n{diff.format()}")
+
+
+def create_artifact(config, bundle, datasets, outcome, run, baseline, started) -> Path:
+    """Step 7: final_artifact/ written to a temporary directory and renamed into place."""
+    return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started)
+
+
+def validate_artifact(artifact: Path) -> None:
+    """Step 8: completeness and integrity, exactly as `kwanzaa-adapter verify` checks them."""
+    report = verify_artifact(artifact)
+    if not report.ok:
+        raise ArtifactInvalidError(f"{artifact}: artifact failed verification:\n{report.format()}")

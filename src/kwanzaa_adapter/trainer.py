@@ -1,0 +1,173 @@
+"""Step 5 of the workflow: the transformers `Trainer`, configured from the typed config.
+
+No hand-written loop: accumulation, clipping, the schedule, evaluation, checkpoints, resume and
+early stopping are the Trainer's. This module only translates the config and records metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
+
+from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.data.collation import make_collator
+from kwanzaa_adapter.metrics import MetricsTracker, compute_perplexity
+from kwanzaa_adapter.rundir import checkpoints
+
+log = logging.getLogger(__name__)
+
+CUDA_ONLY_OPTIMIZERS = {"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit"}
+
+
+@dataclass
+class TrainingOutcome:
+    summary: dict
+    history: list[dict]
+    train_metrics: dict
+    final_eval: dict
+    optimizer: str
+    notes: list[str] = field(default_factory=list)
+
+
+def choose_optimizer(requested: str, device: str) -> tuple[str, str | None]:
+    """The configured optimizer, or adamw_torch with a note where bitsandbytes' paged/8-bit ones cannot run."""
+    if requested in CUDA_ONLY_OPTIMIZERS and device != "cuda":
+        return "adamw_torch", f"optimizer {requested} needs CUDA; using adamw_torch on {device}"
+    return requested, None
+
+
+class MetricsRecorder(TrainerCallback):
+    """Adds perplexity and tokens/s to every log line and appends it to metrics_history.jsonl."""
+
+    def __init__(self, tracker: MetricsTracker):
+        self.tracker = tracker
+        self._last = None  # (time, tokens) at the previous training log line
+        self._started = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+        self._last = (self._started, state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "train_loss" in logs:  # the end-of-training summary, not a step
+            return
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = compute_perplexity(logs["eval_loss"])
+        entry = {
+            "step": state.global_step,
+            "epoch": logs.get("epoch"),
+            "loss": logs.get("loss"),
+            "eval_loss": logs.get("eval_loss"),
+            "perplexity": logs.get("eval_perplexity"),
+            "learning_rate": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "wall_time": time.perf_counter() - self._started,
+        }
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), state.num_input_tokens_seen
+            elapsed = now - self._last[0]
+            if elapsed > 0:
+                logs["tokens_per_second"] = entry["tokens_per_second"] = (tokens - self._last[1]) / elapsed
+            self._last = (now, tokens)
+        if state.is_world_process_zero:
+            self.tracker.log_metrics({k: v for k, v in entry.items() if v is not None})
+
+
+def _final_evaluation(trainer: Trainer) -> dict:
+    """Eval metrics at the final step: the scheduled evaluation's when it ran there, else a new one."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
+    if last is None or last["step"] != trainer.state.global_step or trainer.args.load_best_model_at_end:
+        last = trainer.evaluate()
+    final = {k: v for k, v in last.items() if k.startswith("eval_")}
+    final["eval_perplexity"] = compute_perplexity(final["eval_loss"])
+    return final
+
+
+def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str) -> TrainingArguments:
+    t, e, c = config.training, config.evaluation, config.checkpointing
+    early = e.early_stopping_patience is not None
+    return TrainingArguments(
+        output_dir=str(run.path),
+        num_train_epochs=t.num_epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_batch_size,
+        per_device_eval_batch_size=t.per_device_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps",
+        eval_steps=e.eval_steps,
+        save_strategy="steps",
+        save_steps=c.save_steps,
+        save_total_limit=c.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        seed=config.run.seed,
+        data_seed=config.run.seed,
+        full_determinism=config.run.deterministic,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and config.quantization.compute_dtype == "bfloat16",
+        # TensorBoard is added as a callback with our own log directory; [] would mean "all" here.
+        report_to=[b for b in config.monitoring.report_to if b != "tensorboard"] or "none",
+        include_num_input_tokens_seen="non_padding" if config.data.batching == "length_grouped" else "all",
+        train_sampling_strategy="group_by_length" if config.data.batching == "length_grouped" else "random",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False,
+    )
+
+
+def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = False,
+                callbacks: tuple = ()) -> TrainingOutcome:
+    optimizer, note = choose_optimizer(config.training.optimizer, bundle.device)
+    notes = [note] if note else []
+    if note:
+        log.warning(note)
+    tracker = MetricsTracker(run.path, resume=resume)
+    extra = [MetricsRecorder(tracker)]
+    if "tensorboard" in config.monitoring.report_to:
+        tensorboard = TensorBoardCallback()
+        tensorboard.logging_dir = str(run.tensorboard_path)  # instead of <output_dir>/runs/<date>
+        extra.append(tensorboard)
+    if config.evaluation.early_stopping_patience is not None:
+        extra.append(EarlyStoppingCallback(config.evaluation.early_stopping_patience,
+                                           config.evaluation.early_stopping_threshold))
+    args = build_training_arguments(config, run, bundle.device, optimizer)
+    trainer = Trainer(
+        model=bundle.model,
+        args=args,
+        train_dataset=datasets.train,
+        eval_dataset=datasets.eval,
+        data_collator=make_collator(config.data.batching, bundle.tokenizer),
+        processing_class=bundle.tokenizer,
+        callbacks=[*extra, *callbacks],
+    )
+    resume_from = str(checkpoints(run.path)[-1]) if resume else None
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    final_eval = _final_evaluation(trainer)
+    summary = tracker.summary()
+    summary.update(final_eval_loss=final_eval["eval_loss"], final_perplexity=final_eval["eval_perplexity"],
+                   stopped_early=result.global_step < trainer.state.max_steps,
+                   train_runtime=result.metrics.get("train_runtime"),
+                   train_tokens=trainer.state.num_input_tokens_seen)
+    if torch.cuda.is_available():
+        summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+    run.summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    bundle.model.eval()
+    return TrainingOutcome(summary, [m.to_dict() for m in tracker.history], dict(result.metrics), final_eval,
+                           optimizer, notes)
