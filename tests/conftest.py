@@ -86,32 +86,41 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     return directory
 
 
+def write_run_config(directory: Path, model_dir: Path, name: str = "run.yaml", train_rows: int = 12,
+                     eval_rows: int = 4, **sections) -> Path:
+    """A small run config: the tiny 4-bit model, a slice of the shipped data, a few steps on the CPU.
+
+    `sections` are merged over the defaults, e.g. training={"max_steps": 2}.
+    """
+    import yaml
+
+    train = write_subset(ROOT / "data/kwanzaa_train.jsonl", directory / "train.jsonl", train_rows)
+    evaluation = write_subset(ROOT / "data/kwanzaa_eval.jsonl", directory / "eval.jsonl", eval_rows)
+    config = {
+        "run": {"name": "tiny", "output_dir": str(directory / "outputs"), "seed": 7},
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
+        "adapter": {"r": 4, "alpha": 8, "dropout": 0.0,
+                    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
+        "data": {"train_file": str(train), "eval_file": str(evaluation), "max_seq_length": 640},
+        "training": {"num_epochs": 1, "max_steps": 4, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+                     "learning_rate": 1e-2, "optimizer": "adamw_torch", "gradient_checkpointing": False,
+                     "logging_steps": 1, "device": "cpu"},
+        "evaluation": {"eval_steps": 2, "behavioral": False, "max_new_tokens": 8, "batch_size": 4},
+        "checkpointing": {"save_steps": 2, "save_total_limit": 2},
+    }
+    for section, values in sections.items():
+        config[section] = {**config.get(section, {}), **values}
+    path = directory / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture
 def tiny_run_config(tmp_path, tiny_model_dir):
-    """Write a small run config (tiny 4-bit model, 16 train / 6 eval rows); returns a writer of variants."""
-    train = write_subset(ROOT / "data/kwanzaa_train.jsonl", tmp_path / "train.jsonl", 16)
-    evaluation = write_subset(ROOT / "data/kwanzaa_eval.jsonl", tmp_path / "eval.jsonl", 6)
+    """Writer of small run configs in this test's tmp_path (see `write_run_config`)."""
 
     def write(name: str = "run.yaml", **sections) -> Path:
-        import yaml
-
-        config = {
-            "run": {"name": "tiny", "output_dir": str(tmp_path / "outputs"), "seed": 7},
-            "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
-            "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
-            "adapter": {"r": 4, "alpha": 8, "dropout": 0.0,
-                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-            "data": {"train_file": str(train), "eval_file": str(evaluation), "max_seq_length": 640},
-            "training": {"num_epochs": 1, "max_steps": 4, "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
-                         "learning_rate": 1e-3, "optimizer": "adamw_torch", "gradient_checkpointing": False,
-                         "logging_steps": 1, "device": "cpu"},
-            "evaluation": {"eval_steps": 2, "behavioral": False},
-            "checkpointing": {"save_steps": 2, "save_total_limit": 2},
-        }
-        for section, values in sections.items():
-            config[section] = {**config.get(section, {}), **values}
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return write_run_config(tmp_path, tiny_model_dir, name, **sections)
 
     return write

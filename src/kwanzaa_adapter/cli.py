@@ -18,16 +18,18 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.artifacts import ArtifactError
     from kwanzaa_adapter.config import ConfigError
     from kwanzaa_adapter.data.validation import DataError
+    from kwanzaa_adapter.evaluation import EvaluationDataError
     from kwanzaa_adapter.modeling import ModelReferenceError
     from kwanzaa_adapter.rundir import RunDirectoryError
 
-    return ConfigError, DataError, ModelReferenceError, RunDirectoryError, ArtifactError
+    return ConfigError, DataError, EvaluationDataError, ModelReferenceError, RunDirectoryError, ArtifactError
 
 
 def _verification_errors() -> tuple[type[Exception], ...]:
+    from kwanzaa_adapter.modeling import AdapterVerificationError
     from kwanzaa_adapter.train_adapter import ArtifactInvalidError, WeightsChangedError
 
-    return WeightsChangedError, ArtifactInvalidError
+    return WeightsChangedError, ArtifactInvalidError, AdapterVerificationError
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -46,6 +48,26 @@ def cmd_train(args) -> int:
     s = result.summary
     print(f"final eval loss {s.get('final_eval_loss'):.4f}, perplexity {s.get('final_perplexity'):.2f}, "
           f"{s.get('steps')} steps, {s.get('mean_tokens_per_second') or 0:.0f} tokens/s")
+    return EXIT_OK
+
+
+def cmd_eval(args) -> int:
+    from kwanzaa_adapter.behavior import measure_behavior, save_eval_output
+    from kwanzaa_adapter.config import load_training_config
+    from kwanzaa_adapter.modeling import load_base_model, load_verified_adapter, resolve_device
+
+    config = load_training_config(args.config, tuple(args.set))
+    if args.data and not Path(args.data).is_file():
+        raise FileNotFoundError(args.data)
+    model, tokenizer, _ = load_base_model(config, resolve_device(config.training.device))
+    if args.adapter:
+        model = load_verified_adapter(model, args.adapter)
+    report = measure_behavior(config, model, tokenizer, args.data, with_adapter=bool(args.adapter))
+    print(report.table())
+    for label, speed in report.generation_tokens_per_second().items():
+        print(f"generation {label}: {speed:.1f} tokens/s")
+    if args.output:
+        print(f"wrote {save_eval_output(report, Path(args.output))}")
     return EXIT_OK
 
 
@@ -125,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and memory estimate; write nothing")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("eval", help="behavioral metrics of the base model and of base+adapter, side by side")
+    p.add_argument("--config", required=True, help="run configuration YAML (base model, prompt, limits)")
+    p.add_argument("--adapter", help="artifact directory (verified before it is loaded)")
+    p.add_argument("--data", help="eval JSONL (RAG records, or chat form with meta.documents); default data.eval_file")
+    p.add_argument("--output", help="write the metrics JSON here, eval_predictions.jsonl beside it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("verify", help="check an artifact's completeness and integrity")
     p.add_argument("artifact_dir")
     p.set_defaults(func=cmd_verify)
@@ -151,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes announces an optional CPU kernel package that must be fetched from the hub.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except _bad_input_errors() as exc:
@@ -159,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except _verification_errors() as exc:
         print(f"verification failed: {exc}", file=sys.stderr)
         return EXIT_VERIFICATION
+    except FileNotFoundError as exc:
+        print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -116,6 +116,7 @@ class TrainingConfig(_Section):
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
         default="paged_adamw_8bit", description="Optimizer; 8-bit/paged fall back to adamw_torch off CUDA.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
+    bf16: bool = Field(default=False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16).")
     logging_steps: int = Field(default=10, gt=0, description="Optimizer steps between log lines.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train.")
 

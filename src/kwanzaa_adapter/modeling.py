@@ -290,3 +290,19 @@ def linear_module_names(model) -> set[str]:
         if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("Linear"):
             names.add(name.split(".")[-1])
     return names
+
+
+class AdapterVerificationError(Exception):
+    """An adapter artifact failed verification and was not loaded (exit 1)."""
+
+
+def load_verified_adapter(model, artifact_dir: str | Path):
+    """Wrap `model` with the adapter of `artifact_dir`, only after the artifact passes `verify`."""
+    from peft import PeftModel
+
+    from kwanzaa_adapter.artifacts import verify_artifact
+
+    report = verify_artifact(Path(artifact_dir))
+    if not report.ok:
+        raise AdapterVerificationError(f"refusing to load the adapter in {artifact_dir}:\n{report.format()}")
+    return PeftModel.from_pretrained(model, str(artifact_dir), is_trainable=False)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from kwanzaa_adapter import __version__
 from kwanzaa_adapter.artifacts import atomic_directory, seal_artifact
+from kwanzaa_adapter.behavior import COMPARISON_PLOT
+from kwanzaa_adapter.evaluation import plot_comparison
 from kwanzaa_adapter.modeling import file_sha256
 from kwanzaa_adapter.monitoring import plot_training_curves
 from kwanzaa_adapter.verification import verify_adapter_state_dict
@@ -103,7 +105,7 @@ def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def generate_adapter_readme(config, metadata: dict, curves_file: str | None) -> str:
+def generate_adapter_readme(config, metadata: dict, with_comparison: bool) -> str:
     base = config.model.name_or_path
     m = metadata["final_metrics"]
     tags = "\n".join(f"  - {t}" for t in config.artifacts.tags)
@@ -170,7 +172,9 @@ tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
 
 {chr(10).join(rows)}
 
-{f"![Training curves]({curves_file})" if curves_file else ""}
+{f"![Base model versus adapter]({COMPARISON_PLOT})" if with_comparison else ""}
+
+![Training curves]({CURVES_FILE})
 
 ## Provenance
 
@@ -180,9 +184,12 @@ versions, hardware, dataset digests and timings.
 """
 
 
-def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavioral=None) -> Path:
+def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior=None) -> Path:
     """Write final_artifact/ atomically (temporary directory, then rename) and seal it."""
     model = bundle.model
+    behavioral = behavior.as_json() if behavior else None
+    if behavioral:
+        behavioral["generation_tokens_per_second"] = behavior.generation_tokens_per_second()
     model.peft_config["default"].base_model_name_or_path = config.model.name_or_path
     model.save_pretrained(run.adapter_path, safe_serialization=True)
     metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral)
@@ -190,12 +197,14 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
         model.save_pretrained(staging, safe_serialization=True)
         verify_adapter_state_dict(load_file(staging / "adapter_model.safetensors"))
         plot_training_curves(outcome.history, staging / CURVES_FILE, title=f"{config.run.name} v{run.version}")
+        if behavior:
+            plot_comparison(behavior.base.rates, behavior.adapter.rates, staging / COMPARISON_PLOT)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         (staging / "training_config.yaml").write_text(config.to_yaml())
         training_metrics = {"summary": outcome.summary, "final_eval": outcome.final_eval,
                             "train": outcome.train_metrics, "behavioral": behavioral}
         (staging / "training_metrics.json").write_text(json.dumps(training_metrics, indent=2, sort_keys=True) + "\n")
-        (staging / "README.md").write_text(generate_adapter_readme(config, metadata, CURVES_FILE))
+        (staging / "README.md").write_text(generate_adapter_readme(config, metadata, bool(behavior)))
         seal_artifact(staging)
     results = {"artifact": str(run.artifact_path), "metadata": metadata, "training_metrics": training_metrics}
     run.results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

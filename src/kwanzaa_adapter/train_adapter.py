@@ -13,11 +13,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from transformers import enable_full_determinism, set_seed
+
 from kwanzaa_adapter import modeling
 from kwanzaa_adapter.artifacts import verify_artifact
+from kwanzaa_adapter.behavior import BehaviorReport, measure_behavior
 from kwanzaa_adapter.config import KwanzaaConfig, load_training_config
 from kwanzaa_adapter.data.tokenization import tokenize_file
 from kwanzaa_adapter.data.validation import load_examples
+from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
 from kwanzaa_adapter.publishing import save_adapter_artifact
 from kwanzaa_adapter.rundir import RunDirectory, open_run_directory
 from kwanzaa_adapter.trainer import TrainingOutcome, run_trainer
@@ -78,8 +82,9 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         baseline = save_baseline(bundle, run)  # 3
         datasets = load_datasets(config, bundle)  # 4
         outcome = training_loop(config, bundle, datasets, run, resume, callbacks)  # 5
+        behavior = evaluate_behavior(config, bundle, run)  # 5b, before step 6 so that it is covered too
         verify_weights(bundle, run)  # 6
-        artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started)  # 7
+        artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior)  # 7
         validate_artifact(artifact)  # 8
     return TrainResult(run.path, artifact, run.version, outcome.summary)
 
@@ -96,6 +101,8 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
 
 def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
     """Step 2: base model (4-bit where configured), LoRA, and the freeze check."""
+    # Seeded before LoRA's random initialisation, not only when the Trainer starts.
+    (enable_full_determinism if config.run.deterministic else set_seed)(config.run.seed)
     model, tokenizer, source = modeling.load_base_model(config, device)
     before = snapshot_dtypes(model)
     model = modeling.add_adapter(model, config)
@@ -133,6 +140,15 @@ def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirec
     return run_trainer(config, bundle, datasets, run, resume=resume, callbacks=callbacks)
 
 
+def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirectory) -> BehaviorReport | None:
+    """Step 5b: the contract metrics of base and adapter on the eval split (SPEC section 6)."""
+    if not config.evaluation.behavioral:
+        return None
+    report = measure_behavior(config, bundle.model, bundle.tokenizer)
+    report.write(run.path / PREDICTIONS_FILE)
+    return report
+
+
 def verify_weights(bundle: ModelBundle, run: RunDirectory) -> None:
     """Step 6: recompute base checksums; any difference fails the run before anything is published."""
     diff = verify_base_weights_unchanged(bundle.model, run.baseline_path)
@@ -140,9 +156,9 @@ def verify_weights(bundle: ModelBundle, run: RunDirectory) -> None:
         raise WeightsChangedError(f"base weights changed during training:\n{diff.format()}")
 
 
-def create_artifact(config, bundle, datasets, outcome, run, baseline, started) -> Path:
+def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior) -> Path:
     """Step 7: final_artifact/ written to a temporary directory and renamed into place."""
-    return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started)
+    return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior)
 
 
 def validate_artifact(artifact: Path) -> None:

@@ -81,8 +81,12 @@ class MetricsRecorder(TrainerCallback):
 
 def _final_evaluation(trainer: Trainer) -> dict:
     """Eval metrics at the final step: the scheduled evaluation's when it ran there, else a new one."""
-    last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
-    if last is None or last["step"] != trainer.state.global_step or trainer.args.load_best_model_at_end:
+    state = trainer.state
+    last = next((h for h in reversed(state.log_history) if "eval_loss" in h), None)
+    stale = last is None or last["step"] != state.global_step
+    if trainer.args.load_best_model_at_end:  # the model now holds the best checkpoint's weights
+        stale = stale or state.best_global_step != state.global_step
+    if stale:
         last = trainer.evaluate()
     final = {k: v for k, v in last.items() if k.startswith("eval_")}
     final["eval_perplexity"] = compute_perplexity(final["eval_loss"])
@@ -120,7 +124,7 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         data_seed=config.run.seed,
         full_determinism=config.run.deterministic,
         use_cpu=device == "cpu",
-        bf16=device == "cuda" and config.quantization.compute_dtype == "bfloat16",
+        bf16=t.bf16,
         # TensorBoard is added as a callback with our own log directory; [] would mean "all" here.
         report_to=[b for b in config.monitoring.report_to if b != "tensorboard"] or "none",
         include_num_input_tokens_seen="non_padding" if config.data.batching == "length_grouped" else "all",

@@ -1,0 +1,196 @@
+"""The training workflow end to end on a tiny 4-bit model: artifact, base weights, reproducibility."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from conftest import write_run_config
+from kwanzaa_adapter.artifacts import verify_artifact
+from kwanzaa_adapter.cli import main
+from kwanzaa_adapter.config import load_training_config
+from kwanzaa_adapter.modeling import load_base_model
+from kwanzaa_adapter.train_adapter import WeightsChangedError, train_adapter
+from kwanzaa_adapter.verification import compute_model_state_checksum
+
+ARTIFACT_FILES = {
+    "adapter_config.json", "adapter_model.safetensors", "metadata.json", "training_config.yaml",
+    "training_metrics.json", "training_curves.png", "README.md", "checksums.json",
+}
+
+
+class KeepModel(TrainerCallback):
+    """Holds on to the trained model so a test can compare it with what was saved."""
+
+    model = None
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.model = model
+
+
+class CorruptBaseWeight(TrainerCallback):
+    """Test hook: edits one frozen base tensor in place during training."""
+
+    name = "model.layers.0.input_layernorm.weight"
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            dict(model.base_model.model.named_parameters())[self.name].data[0] += 1.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir):
+    """One tiny training run, shared by the tests that only read its outputs."""
+    directory = tmp_path_factory.mktemp("run")
+    config = write_run_config(directory, tiny_model_dir)
+    keep = KeepModel()
+    result = train_adapter(config, callbacks=(keep,))
+    return config, result, keep.model
+
+
+def test_training_publishes_exactly_the_artifact_files(trained):
+    _, result, _ = trained
+    assert {p.name for p in result.artifact_dir.iterdir()} == ARTIFACT_FILES
+    run = {p.name for p in result.run_dir.iterdir()}
+    assert {"final_artifact", "adapter", "tensorboard", "baseline_checksums.json", "metrics_history.jsonl",
+            "training_summary.json", "training_results.json", "checkpoint-2", "checkpoint-4"} <= run
+    assert not any(name.startswith(".tmp-") for name in run)
+    assert not (result.run_dir / "runs").exists()
+    assert list((result.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert verify_artifact(result.artifact_dir).ok
+
+
+def test_metadata_records_provenance_and_metrics(trained):
+    config_path, result, _ = trained
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    config = load_training_config(config_path)
+    assert metadata["config_sha256"] == config.digest()
+    assert metadata["artifact_version"] == "0.1.0" and metadata["seed"] == 7
+    assert set(metadata["datasets"]) == {"train", "eval"} and metadata["datasets"]["train"]["rows"] == 12
+    assert len(metadata["datasets"]["train"]["sha256"]) == 64
+    baseline = json.loads((result.run_dir / "baseline_checksums.json").read_text())
+    assert metadata["base_model"]["model_digest"] == baseline["model_digest"]
+    assert metadata["parameters"]["trainable"] > 0 and metadata["versions"]["peft"]
+    assert metadata["final_metrics"]["eval_loss"] == pytest.approx(result.summary["final_eval_loss"])
+    card = (result.artifact_dir / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card and "training_curves.png" in card
+    history = [json.loads(line) for line in (result.run_dir / "metrics_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if h["loss"] is not None] == [1, 2, 3, 4]
+    assert all(h["tokens_per_second"] > 0 for h in history if h["loss"] is not None)
+
+
+def test_base_weights_unchanged_after_training(trained, tiny_model_dir):
+    config_path, result, model = trained
+    baseline = json.loads((result.run_dir / "baseline_checksums.json").read_text())
+    assert compute_model_state_checksum(model)["model_digest"] == baseline["model_digest"]
+    fresh, _, _ = load_base_model(load_training_config(config_path), "cpu")
+    assert compute_model_state_checksum(fresh)["model_digest"] == baseline["model_digest"]
+
+
+def test_adapter_loads_with_plain_peft_and_gives_the_in_memory_logits(trained):
+    from peft import PeftModel
+
+    config_path, result, model = trained
+    base, tokenizer, _ = load_base_model(load_training_config(config_path), "cpu")
+    loaded = PeftModel.from_pretrained(base, str(result.artifact_dir)).eval()
+    ids = tokenizer("Kwanzaa runs from December 26 to January 1.", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        actual = loaded(input_ids=ids).logits
+    assert torch.equal(expected, actual)
+
+
+def test_a_second_run_is_byte_identical_and_versioned_beside_the_first(trained):
+    config_path, first, _ = trained
+    second = train_adapter(config_path)
+    assert second.version == "0.1.1" and second.run_dir.name == "tiny-v0.1.1"
+    assert verify_artifact(first.artifact_dir).ok  # the published artifact was not touched
+    a = (first.artifact_dir / "adapter_model.safetensors").read_bytes()
+    b = (second.artifact_dir / "adapter_model.safetensors").read_bytes()
+    assert a == b
+
+
+def test_changed_base_tensor_fails_the_run_by_name_and_publishes_nothing(tmp_path, tiny_model_dir):
+    config = write_run_config(tmp_path, tiny_model_dir, training={"max_steps": 2})
+    with pytest.raises(WeightsChangedError, match=CorruptBaseWeight.name):
+        train_adapter(config, callbacks=(CorruptBaseWeight(),))
+    run_dir = tmp_path / "outputs" / "tiny"
+    assert not (run_dir / "final_artifact").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
+
+
+def _tamper(artifact: Path, how: str) -> str:
+    if how == "flipped byte":
+        target = artifact / "adapter_model.safetensors"
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0x01
+        target.write_bytes(bytes(data))
+        return "adapter_model.safetensors"
+    if how == "deleted file":
+        (artifact / "metadata.json").unlink()
+        return "metadata.json"
+    if how == "added file":
+        (artifact / "notes.txt").write_text("hello")
+        return "notes.txt"
+    if how == "dotdot path":
+        manifest = json.loads((artifact / "checksums.json").read_text())
+        manifest["files"]["../escape.json"] = manifest["files"]["metadata.json"]
+        (artifact / "checksums.json").write_text(json.dumps(manifest))
+        return "../escape.json"
+    if how == "symlink":
+        (artifact / "link.json").symlink_to(artifact / "metadata.json")
+        return "link.json"
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["flipped byte", "deleted file", "added file", "dotdot path", "symlink"])
+def test_verify_exits_1_naming_the_tampered_file(trained, tmp_path, capsys, how):
+    _, result, _ = trained
+    copy = tmp_path / "artifact"
+    shutil.copytree(result.artifact_dir, copy)
+    assert main(["verify", str(copy)]) == 0
+    capsys.readouterr()
+    name = _tamper(copy, how)
+    assert main(["verify", str(copy)]) == 1
+    assert name in capsys.readouterr().out
+
+
+def test_info_prints_metadata_and_metrics(trained, capsys):
+    _, result, _ = trained
+    assert main(["info", str(result.artifact_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "artifact_version" in out and "0.1.0" in out and "eval_loss" in out
+
+
+def test_bad_data_line_exits_2_naming_it_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    config = write_run_config(tmp_path, tiny_model_dir)
+    train = tmp_path / "train.jsonl"
+    lines = train.read_text().splitlines()
+    lines[3] = '{"messages": [{"role": "robot", "content": "hi"}]}'
+    train.write_text("\n".join(lines) + "\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "train.jsonl:4" in err and "Traceback" not in err
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    config = write_run_config(tmp_path, tiny_model_dir)
+    assert main(["train", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "effective 2" in out and "steps/epoch" in out and "total" in out
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_dry_run_of_the_reference_job_fits_the_seed_budget(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["train", "--config", "configs/training.yaml", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "allenai/OLMo-7B-Instruct" in out and "within the seed's 12 GiB GPU budget" in out
+    assert "effective 16" in out
