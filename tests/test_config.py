@@ -72,21 +72,23 @@ def test_wrong_override_type_names_key_and_override():
 
 
 def test_every_error_is_reported_at_once_with_its_source_file(tmp_path):
-    text = (ROOT / "configs/demo.yaml").read_text()
-    text = text.replace("learning_rate:", "learnig_rate:").replace("r: 16", "r: 16")
-    text = text.replace("per_device_batch_size: 4", "per_device_batch_size: four")
-    text = text.replace("warmup_ratio: 0.05", "warmup_ratio: 1.5")
+    run = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    run["adapter_profile"] = str(ROOT / "configs/qlora.yaml")
+    run["model_profile"] = str(ROOT / "configs/models/smollm2.yaml")
+    training = run["training"]
+    training["learnig_rate"] = training.pop("learning_rate")
+    training["per_device_batch_size"] = "four"
+    training["warmup_ratio"] = 1.5
     bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("qlora.yaml", str(ROOT / "configs/qlora.yaml")).replace(
-        "models/smollm2.yaml", str(ROOT / "configs/models/smollm2.yaml")))
+    bad.write_text(yaml.safe_dump(run))
     with pytest.raises(ConfigError) as err:
         load_training_config(bad)
     problems = err.value.problems
-    assert any("training.learnig_rate: unknown key" in p for p in problems)
+    assert len(problems) == 4
+    assert any(p.endswith("bad.yaml: training.learnig_rate: unknown key") for p in problems)
     assert any("training.learning_rate: required key is missing" in p for p in problems)
-    assert any("training.per_device_batch_size:" in p and "four" in p for p in problems)
-    assert any("training.warmup_ratio:" in p and "1.5" in p for p in problems)
-    assert all(str(bad) in p or "bad.yaml" in p for p in problems if "learnig" in p)
+    assert any("bad.yaml: training.per_device_batch_size:" in p and "'four'" in p for p in problems)
+    assert any("bad.yaml: training.warmup_ratio:" in p and "1.5" in p for p in problems)
 
 
 def test_missing_profile_and_self_inclusion_are_errors(tmp_path):
