@@ -139,7 +139,7 @@ Verified load (checks every file against `checksums.json` first):
 
 ```bash
 kwanzaa-adapter verify {config.run_dir / 'final_artifact'}
-kwanzaa-adapter generate --config <config> --adapter {config.run_dir / 'final_artifact'} --input records.jsonl
+kwanzaa-adapter eval --config <config> --adapter {config.run_dir / 'final_artifact'}
 ```
 
 Plain PEFT, after verification:
