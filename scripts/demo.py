@@ -25,6 +25,11 @@ def run(config: str = "configs/demo.yaml") -> int:
         code = cli(step)
         if code:
             return code
+    if result.behavior is not None:
+        print("\nbehavioral metrics on the eval split, base model vs adapter:")
+        print(result.behavior.table())
+        for label, speed in result.behavior.generation_tokens_per_second().items():
+            print(f"generation ({label}): {speed:.1f} tokens/s")
     s = result.summary
     print(f"\ndemo main job wall time: {wall / 60:.1f} min ({wall:.0f} s); peak RSS {peak_rss_mib():.0f} MiB; "
           f"train tokens/s {s.get('mean_tokens_per_second') or 0:.0f}; final eval loss {s.get('final_eval_loss'):.4f}")

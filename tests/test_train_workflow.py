@@ -194,3 +194,69 @@ def test_dry_run_of_the_reference_job_fits_the_seed_budget(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "allenai/OLMo-7B-Instruct" in out and "within the seed's 12 GiB GPU budget" in out
     assert "effective 16" in out
+
+
+class CrashAfter(TrainerCallback):
+    """Test hook: stops the process's training abruptly once `step` is reached (after its checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt(f"simulated crash after step {state.global_step}")
+
+
+def test_resume_continues_from_the_latest_checkpoint_to_the_same_adapter(trained, tmp_path, tiny_model_dir):
+    _, uninterrupted, _ = trained
+    config = write_run_config(tmp_path, tiny_model_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(config, callbacks=(CrashAfter(2),))
+    run_dir = tmp_path / "outputs" / "tiny"
+    assert (run_dir / "checkpoint-2").is_dir() and not (run_dir / "final_artifact").exists()
+    with pytest.raises(Exception, match="unfinished run; pass --resume"):
+        train_adapter(config)
+    result = train_adapter(config, resume=True)
+    assert verify_artifact(result.artifact_dir).ok
+    resumed = (result.artifact_dir / "adapter_model.safetensors").read_bytes()
+    assert resumed == (uninterrupted.artifact_dir / "adapter_model.safetensors").read_bytes()
+
+
+def test_resume_without_a_checkpoint_exits_2(tmp_path, tiny_model_dir, capsys):
+    config = write_run_config(tmp_path, tiny_model_dir)
+    assert main(["train", "--config", str(config), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_eval_command_compares_base_and_adapter_and_writes_predictions(trained, tmp_path, capsys):
+    config_path, result, _ = trained
+    output = tmp_path / "eval" / "metrics.json"
+    assert main(["eval", "--config", str(config_path), "--adapter", str(result.artifact_dir),
+                 "--output", str(output)]) == 0
+    assert "refusal_correctness_rate" in capsys.readouterr().out
+    metrics = json.loads(output.read_text())
+    names = {"json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate"}
+    assert set(metrics) == {"base", "adapter"} and set(metrics["base"]) == set(metrics["adapter"]) == names
+    rows = [json.loads(line) for line in (output.parent / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 and {r["model"] for r in rows} == {"base", "adapter"}
+    assert {"id", "output", "json_valid", "refusal_correct"} <= set(rows[0])
+
+
+def test_eval_refuses_a_tampered_adapter_with_exit_1(trained, tmp_path, capsys):
+    config_path, result, _ = trained
+    copy = tmp_path / "artifact"
+    shutil.copytree(result.artifact_dir, copy)
+    _tamper(copy, "flipped byte")
+    assert main(["eval", "--config", str(config_path), "--adapter", str(copy)]) == 1
+    assert "adapter_model.safetensors" in capsys.readouterr().err
+
+
+def test_behavioral_metrics_reach_metadata_card_and_chart(tmp_path, tiny_model_dir):
+    config = write_run_config(tmp_path, tiny_model_dir, training={"max_steps": 2}, evaluation={"behavioral": True})
+    result = train_adapter(config)
+    assert {p.name for p in result.artifact_dir.iterdir()} == ARTIFACT_FILES | {"behavior_comparison.png"}
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    behavioral = metadata["final_metrics"]["behavioral"]
+    assert set(behavioral["adapter"]) >= {"json_validity_rate", "citation_rate"}
+    assert "| json_validity_rate |" in (result.artifact_dir / "README.md").read_text()
+    assert len((result.run_dir / "eval_predictions.jsonl").read_text().splitlines()) == 8

@@ -48,6 +48,8 @@ def cmd_train(args) -> int:
     s = result.summary
     print(f"final eval loss {s.get('final_eval_loss'):.4f}, perplexity {s.get('final_perplexity'):.2f}, "
           f"{s.get('steps')} steps, {s.get('mean_tokens_per_second') or 0:.0f} tokens/s")
+    if result.behavior is not None:
+        print(result.behavior.table())
     return EXIT_OK
 
 

@@ -77,7 +77,8 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         "hardware": hardware(bundle.device),
         "timings": {"total_seconds": round(time.time() - started, 1),
                     "train_seconds": outcome.train_metrics.get("train_runtime")},
-        "parameters": {k: bundle.parameters[k] for k in ("trainable", "total", "percent")},
+        "parameters": {**{k: bundle.parameters[k] for k in ("trainable", "total", "percent")},
+                       "trainable_tensors": len(bundle.parameters["trainable_names"])},
         "optimizer": outcome.optimizer,
         "notes": outcome.notes,
         "final_metrics": final_metrics(outcome, behavioral),
@@ -206,6 +207,8 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
         (staging / "training_metrics.json").write_text(json.dumps(training_metrics, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(generate_adapter_readme(config, metadata, bool(behavior)))
         seal_artifact(staging)
-    results = {"artifact": str(run.artifact_path), "metadata": metadata, "training_metrics": training_metrics}
+    results = {"artifact": str(run.artifact_path), "metadata": metadata, "training_metrics": training_metrics,
+               "trainable_parameter_names": bundle.parameters["trainable_names"],
+               "dtype_changes": [str(change) for change in bundle.dtype_changes]}
     run.results_path.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     return run.artifact_path

@@ -19,6 +19,7 @@ from kwanzaa_adapter import modeling
 from kwanzaa_adapter.artifacts import verify_artifact
 from kwanzaa_adapter.behavior import BehaviorReport, measure_behavior
 from kwanzaa_adapter.config import KwanzaaConfig, load_training_config
+from kwanzaa_adapter.data.collation import make_collator, padding_share
 from kwanzaa_adapter.data.tokenization import tokenize_file
 from kwanzaa_adapter.data.validation import load_examples
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
@@ -68,6 +69,7 @@ class TrainResult:
     artifact_dir: Path
     version: str
     summary: dict
+    behavior: BehaviorReport | None = None
 
 
 def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), output_dir: str | None = None,
@@ -86,7 +88,7 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         verify_weights(bundle, run)  # 6
         artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior)  # 7
         validate_artifact(artifact)  # 8
-    return TrainResult(run.path, artifact, run.version, outcome.summary)
+    return TrainResult(run.path, artifact, run.version, outcome.summary, behavior)
 
 
 def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
@@ -129,9 +131,18 @@ def load_datasets(config: KwanzaaConfig, bundle: ModelBundle) -> Datasets:
                                          system_prompt=config.data.system_prompt,
                                          cache_dir=modeling.cache_root() / "tokenized")
         splits[split] = [example.as_features() for example in examples]
-        reports[split] = {"file": str(path), **dataclasses.asdict(report)}
+        reports[split] = {"file": str(path), **dataclasses.asdict(report),
+                          "padding_share": batching_padding_share(config, bundle.tokenizer, splits[split])}
         log.info("%s data: %s", split, reports[split])
     return Datasets(splits["train"], splits["eval"], reports)
+
+
+def batching_padding_share(config: KwanzaaConfig, tokenizer, features: list[dict]) -> float:
+    """Share of computed tokens that are padding under `data.batching` (length-grouped: sorted order)."""
+    if config.data.batching == "length_grouped":
+        features = sorted(features, key=lambda f: len(f["input_ids"]))
+    collate, size = make_collator(config.data.batching, tokenizer), config.training.per_device_batch_size
+    return padding_share(collate(features[i:i + size]) for i in range(0, len(features), size))
 
 
 def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirectory, resume: bool,
