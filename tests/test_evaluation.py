@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from kwanzaa_adapter.answer import Answer
+from kwanzaa_adapter.answer import Answer, parse_answer
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT, RagRecord, render_record
 from kwanzaa_adapter.evaluation import (
     EvalItem,
@@ -241,3 +241,15 @@ def test_plot_is_a_png(tmp_path):
     path = plot_comparison(BASE, ADAPTER, tmp_path / "plots" / "comparison.png")
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_generation_stops_once_the_output_cannot_be_a_json_object(tokenizer):
+    from kwanzaa_adapter.evaluation import NotAJsonObject
+
+    prompt = tokenizer("Question: when?")["input_ids"]
+    rows = [prompt + tokenizer(text)["input_ids"][:3] for text in ("Kwanzaa began", ' {"version"', "  ")]
+    width = max(len(r) for r in rows)
+    batch = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
+    stop = NotAJsonObject(tokenizer, len(prompt))(batch, None)
+    assert stop.tolist() == [True, False, False]
+    assert not parse_answer("Kwanzaa began").ok  # stopping there changes no verdict

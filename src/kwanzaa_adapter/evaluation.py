@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from kwanzaa_adapter.answer import parse_answer
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT, ChatExample, Document, RagRecord, render_record
@@ -177,6 +178,7 @@ def generate(
         for first in range(0, len(order), batch_size):
             indices = order[first : first + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(device)
+            prompt_length = batch["input_ids"].shape[1]
             generated = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -184,15 +186,34 @@ def generate(
                 eos_token_id=stop_ids,
                 pad_token_id=pad_id,
                 use_cache=True,
+                stopping_criteria=StoppingCriteriaList([NotAJsonObject(tokenizer, prompt_length)]),
             )
-            for row, index in zip(generated[:, batch["input_ids"].shape[1] :].tolist(), indices):
-                tokens, stopped = _until_stop(row, stop_ids)
+            for row, index in zip(generated[:, prompt_length:].tolist(), indices):
+                tokens, stopped = _until_stop(row, [*stop_ids, pad_id])
                 new_ids[index] = tokens
                 counted += len(tokens) + stopped
                 outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
             bar.update(len(indices))
         bar.close()
     return GenerationResult(outputs, counted, time.perf_counter() - start, new_ids)
+
+
+class NotAJsonObject(StoppingCriteria):
+    """Ends a sequence as soon as its output cannot be a JSON object (first visible char not '{').
+
+    `parse_answer` rejects such an output whatever follows, so stopping there changes no metric;
+    it only spares generating up to max_new_tokens of prose.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        done = []
+        for row in input_ids[:, self.prompt_length :].tolist():
+            text = self.tokenizer.decode(row[:4], skip_special_tokens=True).lstrip()
+            done.append(bool(text) and not text.startswith("{"))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:
