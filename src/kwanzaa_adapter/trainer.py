@@ -17,6 +17,7 @@ from transformers.integrations import TensorBoardCallback
 
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.data.collation import make_collator
+from kwanzaa_adapter.data.supervised_logits import SupervisedLogitsCollator, supervised_loss
 from kwanzaa_adapter.metrics import MetricsTracker, compute_perplexity
 from kwanzaa_adapter.rundir import checkpoints
 
@@ -157,7 +158,8 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = Fal
         args=args,
         train_dataset=datasets.train,
         eval_dataset=datasets.eval,
-        data_collator=make_collator(config.data.batching, bundle.tokenizer),
+        data_collator=SupervisedLogitsCollator(make_collator(config.data.batching, bundle.tokenizer)),
+        compute_loss_func=supervised_loss,
         processing_class=bundle.tokenizer,
         callbacks=[*extra, *callbacks],
     )
