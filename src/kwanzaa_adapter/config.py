@@ -298,12 +298,6 @@ def load_training_config(path: str | Path, overrides: list[str] | tuple[str, ...
         raise ConfigError(_format_errors(exc, origins)) from None
 
 
-def save_resolved_config(config: KwanzaaConfig, path: Path) -> str:
-    """Write the resolved config as YAML; returns its digest."""
-    path.write_text(config.to_yaml(), encoding="utf-8")
-    return config.digest()
-
-
 def config_from_yaml_text(text: str, source: str = "<config>") -> KwanzaaConfig:
     """Read back a resolved config (e.g. an artifact's training_config.yaml)."""
     try:
