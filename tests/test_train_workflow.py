@@ -260,3 +260,18 @@ def test_behavioral_metrics_reach_metadata_card_and_chart(tmp_path, tiny_model_d
     assert set(behavioral["adapter"]) >= {"json_validity_rate", "citation_rate"}
     assert "| json_validity_rate |" in (result.artifact_dir / "README.md").read_text()
     assert len((result.run_dir / "eval_predictions.jsonl").read_text().splitlines()) == 8
+
+
+def test_resume_refuses_a_base_model_that_differs_from_the_runs_baseline(tmp_path, tiny_model_dir, capsys):
+    config = write_run_config(tmp_path, tiny_model_dir)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(config, callbacks=(CrashAfter(2),))
+    baseline_path = tmp_path / "outputs" / "tiny" / "baseline_checksums.json"
+    baseline = json.loads(baseline_path.read_text())
+    name = "model.layers.1.mlp.down_proj.weight"
+    baseline["tensors"][name]["sha256"] = "0" * 64
+    baseline_path.write_text(json.dumps(baseline))
+    assert main(["train", "--config", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and name in err
+    assert not (tmp_path / "outputs" / "tiny" / "final_artifact").exists()

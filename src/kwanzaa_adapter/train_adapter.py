@@ -24,10 +24,11 @@ from kwanzaa_adapter.data.tokenization import tokenize_file
 from kwanzaa_adapter.data.validation import load_examples
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
 from kwanzaa_adapter.publishing import save_adapter_artifact
-from kwanzaa_adapter.rundir import RunDirectory, open_run_directory
+from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError, open_run_directory
 from kwanzaa_adapter.trainer import TrainingOutcome, run_trainer
 from kwanzaa_adapter.verification import (
     get_trainable_parameters_summary,
+    load_base_model_checksums,
     report_dtype_changes,
     save_base_model_checksums,
     snapshot_dtypes,
@@ -81,7 +82,7 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
     run = open_run_directory(config, resume=resume)  # never over a published artifact; takes the lock
     with run:
         bundle = initialize_model(config, device)  # 2
-        baseline = save_baseline(bundle, run)  # 3
+        baseline = save_baseline(bundle, run, resume)  # 3
         datasets = load_datasets(config, bundle)  # 4
         outcome = training_loop(config, bundle, datasets, run, resume, callbacks)  # 5
         behavior = evaluate_behavior(config, bundle, run)  # 5b, before step 6 so that it is covered too
@@ -118,8 +119,17 @@ def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
     return ModelBundle(model, tokenizer, source, device, parameters, changes)
 
 
-def save_baseline(bundle: ModelBundle, run: RunDirectory) -> dict:
-    """Step 3: SHA-256 of every base tensor, packed 4-bit data and quantization state included."""
+def save_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool) -> dict:
+    """Step 3: SHA-256 of every base tensor, packed 4-bit data and quantization state included.
+
+    A resumed run keeps the baseline it started with and refuses a base model that differs from it.
+    """
+    if resume and run.baseline_path.exists():
+        diff = verify_base_weights_unchanged(bundle.model, run.baseline_path)
+        if not diff.ok:
+            raise RunDirectoryError(f"{run.path}: cannot resume: the base model differs from the one this run "
+                                    f"started with:\n{diff.format()}")
+        return load_base_model_checksums(run.baseline_path)
     return save_base_model_checksums(bundle.model, run.baseline_path)
 
 
