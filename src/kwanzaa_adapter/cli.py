@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -20,9 +21,11 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.data.validation import DataError
     from kwanzaa_adapter.evaluation import EvaluationDataError
     from kwanzaa_adapter.modeling import ModelReferenceError
+    from kwanzaa_adapter.registry import RegistryError
     from kwanzaa_adapter.rundir import RunDirectoryError
 
-    return ConfigError, DataError, EvaluationDataError, ModelReferenceError, RunDirectoryError, ArtifactError
+    return (ConfigError, DataError, EvaluationDataError, ModelReferenceError, RunDirectoryError, ArtifactError,
+            RegistryError)
 
 
 def _verification_errors() -> tuple[type[Exception], ...]:
@@ -44,7 +47,12 @@ def cmd_train(args) -> int:
     from kwanzaa_adapter.train_adapter import train_adapter
 
     result = train_adapter(args.config, tuple(args.set), args.output_dir, resume=args.resume)
+    if result.artifact_dir is None:  # a replica of a multi-process run: the main process reports
+        return EXIT_OK
     print(f"artifact v{result.version}: {result.artifact_dir}")
+    if result.published.get("model_version"):
+        print(f"registered {result.published['registered_model']} version {result.published['model_version']} "
+              f"in {result.published['tracking_uri']}")
     s = result.summary
     print(f"final eval loss {s.get('final_eval_loss'):.4f}, perplexity {s.get('final_perplexity'):.2f}, "
           f"{s.get('steps')} steps, {s.get('mean_tokens_per_second') or 0:.0f} tokens/s")
@@ -126,6 +134,17 @@ def cmd_schema(args) -> int:
     return EXIT_OK
 
 
+def cmd_registry_pull(args) -> int:
+    from kwanzaa_adapter.registry import RegistryError, pull_model_version
+
+    if not args.tracking_uri:
+        raise RegistryError("no tracking URI: pass --tracking-uri (e.g. sqlite:///outputs/RUN/mlflow.db) "
+                            "or set MLFLOW_TRACKING_URI")
+    report = pull_model_version(args.name, args.version, Path(args.out), args.tracking_uri)
+    print(report.format())
+    return EXIT_OK if report.ok else EXIT_VERIFICATION
+
+
 def cmd_prepare_model(args) -> int:
     from kwanzaa_adapter.modeling import materialize, resolve_model_reference
 
@@ -172,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("schema", help="print the kwanzaa.answer.v1 JSON Schema")
     p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("registry", help="the MLflow model registry")
+    registry = p.add_subparsers(dest="registry_command", required=True)
+    p = registry.add_parser("pull", help="download a registered adapter version and verify it")
+    p.add_argument("name", help="registered model name (monitoring.registry.model_name)")
+    p.add_argument("version", help="model version number")
+    p.add_argument("out", help="new directory to download into")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI, e.g. sqlite:///outputs/RUN/mlflow.db (default $MLFLOW_TRACKING_URI)")
+    p.set_defaults(func=cmd_registry_pull)
 
     p = sub.add_parser("prepare-model", help="resolve a model reference; convert GGUF/packaged models once")
     p.add_argument("reference", help="packaged name, .gguf file, directory or hub id")

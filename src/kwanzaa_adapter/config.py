@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
 
@@ -143,9 +143,46 @@ class ArtifactConfig(_Section):
                             description="Model-card tags.")
 
 
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(
+        default=None, description="Tracking store or server URI; default sqlite:///<run dir>/mlflow.db.")
+    experiment: str = Field(default="kwanzaa-adapter", min_length=1, description="MLflow experiment name.")
+    log_artifact: bool = Field(default=True, description="Log final_artifact/ to the MLflow run.")
+
+
+class RegistryConfig(_Section):
+    enabled: bool = Field(default=False, description="Register the artifact as an MLflow model version.")
+    model_name: str = Field(default="kwanzaa-adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                            description="Registered model name in the MLflow model registry.")
+
+
+class WandbConfig(_Section):
+    project: str = Field(default="kwanzaa-adapter", min_length=1, description="Weights & Biases project.")
+    entity: str | None = Field(default=None, description="W&B team or user; default the login's.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        default=None, description="W&B mode; default WANDB_MODE, else online (which needs a login).")
+
+
 class MonitoringConfig(_Section):
     report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
-        default_factory=lambda: ["tensorboard"], description="Metric backends.")
+        default_factory=lambda: ["tensorboard"], description="Metric backends (Trainer reporting integrations).")
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig, description="MLflow tracking, used when listed.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow model registry.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases, used when listed.")
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a backend twice")
+        return value
+
+    @field_validator("registry")
+    @classmethod
+    def _registry_needs_mlflow(cls, value: RegistryConfig, info: ValidationInfo) -> RegistryConfig:
+        if value.enabled and "mlflow" not in info.data.get("report_to", ["mlflow"]):
+            raise ValueError("enabled needs 'mlflow' in monitoring.report_to (the registry is MLflow's)")
+        return value
 
 
 class KwanzaaConfig(_Section):

@@ -7,6 +7,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -198,6 +199,7 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
         model.save_pretrained(staging, safe_serialization=True)
         verify_adapter_state_dict(load_file(staging / "adapter_model.safetensors"))
         plot_training_curves(outcome.history, staging / CURVES_FILE, title=f"{config.run.name} v{run.version}")
+        shutil.copyfile(staging / CURVES_FILE, run.path / CURVES_FILE)  # the run directory shows it too
         if behavior:
             plot_comparison(behavior.base.rates, behavior.adapter.rates, staging / COMPARISON_PLOT)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")

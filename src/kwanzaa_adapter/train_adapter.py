@@ -1,8 +1,11 @@
 """`train_adapter()`: the eight steps of the training workflow (SPEC section 3), in order.
 
 Each step is one named function that returns what the next one takes. Everything that can be
-checked without a model (configuration, data files, the model reference, the output directory)
-is checked in step 1, before anything is written.
+checked without a model (configuration, data files, the model reference, the metric backends,
+the output directory) is checked in step 1, before anything is written.
+
+Launched as several processes (`torchrun`, `accelerate launch`), every process trains and checks
+its own base weights; only the main one writes the run directory, the artifact and the metrics.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from kwanzaa_adapter.config import KwanzaaConfig, load_training_config
 from kwanzaa_adapter.data.collation import make_collator, padding_share
 from kwanzaa_adapter.data.tokenization import tokenize_file
 from kwanzaa_adapter.data.validation import load_examples
+from kwanzaa_adapter.distributed import Ranks, open_shared_run_directory, process_ranks
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
+from kwanzaa_adapter.monitoring import RunMonitor, check_backends
 from kwanzaa_adapter.publishing import save_adapter_artifact
-from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError, open_run_directory
+from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError
 from kwanzaa_adapter.trainer import TrainingOutcome, run_trainer
 from kwanzaa_adapter.verification import (
     get_trainable_parameters_summary,
@@ -67,10 +72,11 @@ class Datasets:
 @dataclass
 class TrainResult:
     run_dir: Path
-    artifact_dir: Path
+    artifact_dir: Path | None  # None on the processes that do not publish
     version: str
     summary: dict
     behavior: BehaviorReport | None = None
+    published: dict = field(default_factory=dict)  # MLflow run, artifact URI, registered version
 
 
 def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), output_dir: str | None = None,
@@ -79,17 +85,22 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
     started = time.time()
     config = load_configuration(config_path, overrides, output_dir)  # 1
     device = modeling.resolve_device(config.training.device)
-    run = open_run_directory(config, resume=resume)  # never over a published artifact; takes the lock
-    with run:
+    ranks = process_ranks(device)
+    # Never over a published artifact; the main process takes the lock and tells the others where it is.
+    run = open_shared_run_directory(config, resume, ranks)
+    with run, RunMonitor(config, run, active=ranks.is_main) as monitor:
         bundle = initialize_model(config, device)  # 2
-        baseline = save_baseline(bundle, run, resume)  # 3
-        datasets = load_datasets(config, bundle)  # 4
-        outcome = training_loop(config, bundle, datasets, run, resume, callbacks)  # 5
-        behavior = evaluate_behavior(config, bundle, run)  # 5b, before step 6 so that it is covered too
-        verify_weights(bundle, run)  # 6
+        baseline = save_baseline(bundle, run, resume, ranks)  # 3
+        datasets = load_datasets(config, bundle, ranks)  # 4
+        outcome = training_loop(config, bundle, datasets, run, resume, callbacks, monitor)  # 5
+        behavior = evaluate_behavior(config, bundle, run, ranks, monitor, outcome)  # 5b, covered by step 6 too
+        verify_weights(bundle, run, ranks)  # 6, on every process
+        if not ranks.is_main:
+            return TrainResult(run.path, None, run.version, outcome.summary)
         artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior)  # 7
         validate_artifact(artifact)  # 8
-    return TrainResult(run.path, artifact, run.version, outcome.summary, behavior)
+        published = monitor.publish(artifact)  # MLflow run and model registry, once the artifact is valid
+    return TrainResult(run.path, artifact, run.version, outcome.summary, behavior, published)
 
 
 def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
@@ -99,6 +110,7 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
     for path in (config.data.train_file, config.data.eval_file):
         load_examples(path, config.data.system_prompt)  # raises DataError listing every bad line
     modeling.resolve_model_reference(config.model.name_or_path, config.model.revision)
+    check_backends(config)  # a missing MLflow / W&B package or login fails here, not mid-run
     return config
 
 
@@ -119,11 +131,25 @@ def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
     return ModelBundle(model, tokenizer, source, device, parameters, changes)
 
 
-def save_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool) -> dict:
+def save_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool, ranks: Ranks = Ranks()) -> dict:
     """Step 3: SHA-256 of every base tensor, packed 4-bit data and quantization state included.
 
     A resumed run keeps the baseline it started with and refuses a base model that differs from it.
+    With several processes the main one writes the baseline and every other checks its own base
+    against it, so that all of them train the same weights.
     """
+    if ranks.is_main:
+        baseline = _main_baseline(bundle, run, resume)
+    ranks.barrier()
+    if ranks.is_main:
+        return baseline
+    diff = verify_base_weights_unchanged(bundle.model, run.baseline_path)
+    if not diff.ok:
+        raise WeightsChangedError(f"rank {ranks.rank}: base model differs from the main process's:\n{diff.format()}")
+    return load_base_model_checksums(run.baseline_path)
+
+
+def _main_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool) -> dict:
     if resume and run.baseline_path.exists():
         diff = verify_base_weights_unchanged(bundle.model, run.baseline_path)
         if not diff.ok:
@@ -133,13 +159,14 @@ def save_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool) -> dict:
     return save_base_model_checksums(bundle.model, run.baseline_path)
 
 
-def load_datasets(config: KwanzaaConfig, bundle: ModelBundle) -> Datasets:
+def load_datasets(config: KwanzaaConfig, bundle: ModelBundle, ranks: Ranks = Ranks()) -> Datasets:
     """Step 4: render, tokenize (labels on assistant tokens), report truncation."""
     splits, reports = {}, {}
     for split, path in (("train", config.data.train_file), ("eval", config.data.eval_file)):
-        examples, report = tokenize_file(path, bundle.tokenizer, config.data.max_seq_length,
-                                         system_prompt=config.data.system_prompt,
-                                         cache_dir=modeling.cache_root() / "tokenized")
+        with ranks.main_first():  # the main process fills the tokenization cache, the others read it
+            examples, report = tokenize_file(path, bundle.tokenizer, config.data.max_seq_length,
+                                             system_prompt=config.data.system_prompt,
+                                             cache_dir=modeling.cache_root() / "tokenized")
         splits[split] = [example.as_features() for example in examples]
         reports[split] = {"file": str(path), **dataclasses.asdict(report),
                           "padding_share": batching_padding_share(config, bundle.tokenizer, splits[split])}
@@ -156,25 +183,31 @@ def batching_padding_share(config: KwanzaaConfig, tokenizer, features: list[dict
 
 
 def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirectory, resume: bool,
-                  callbacks: tuple) -> TrainingOutcome:
-    """Step 5: the transformers Trainer."""
-    return run_trainer(config, bundle, datasets, run, resume=resume, callbacks=callbacks)
+                  callbacks: tuple, monitor: RunMonitor) -> TrainingOutcome:
+    """Step 5: the transformers Trainer, reporting to the enabled backends."""
+    return run_trainer(config, bundle, datasets, run, resume=resume, callbacks=callbacks,
+                       reporters=tuple(monitor.callbacks()))
 
 
-def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirectory) -> BehaviorReport | None:
-    """Step 5b: the contract metrics of base and adapter on the eval split (SPEC section 6)."""
-    if not config.evaluation.behavioral:
+def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirectory, ranks: Ranks,
+                      monitor: RunMonitor, outcome: TrainingOutcome) -> BehaviorReport | None:
+    """Step 5b: the contract metrics of base and adapter on the eval split (SPEC section 6), main process only."""
+    if not config.evaluation.behavioral or not ranks.is_main:
         return None
     report = measure_behavior(config, bundle.model, bundle.tokenizer)
     report.write(run.path / PREDICTIONS_FILE)
+    monitor.record_behavior(report, outcome.summary.get("steps", 0))
     return report
 
 
-def verify_weights(bundle: ModelBundle, run: RunDirectory) -> None:
-    """Step 6: recompute base checksums; any difference fails the run before anything is published."""
+def verify_weights(bundle: ModelBundle, run: RunDirectory, ranks: Ranks = Ranks()) -> None:
+    """Step 6: every process recomputes its base checksums; any difference fails the run before publishing."""
     diff = verify_base_weights_unchanged(bundle.model, run.baseline_path)
-    if not diff.ok:
-        raise WeightsChangedError(f"base weights changed during training:\n{diff.format()}")
+    failures = [(rank, text) for rank, text in enumerate(ranks.gather(None if diff.ok else diff.format())) if text]
+    if failures:
+        where = (lambda rank: f" on rank {rank}") if ranks.world_size > 1 else (lambda rank: "")
+        raise WeightsChangedError("\n".join(f"base weights changed during training{where(rank)}:\n{text}"
+                                             for rank, text in failures))
 
 
 def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior) -> Path:

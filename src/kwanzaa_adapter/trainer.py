@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.integrations import TensorBoardCallback
 
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.data.collation import make_collator
@@ -46,7 +45,7 @@ def choose_optimizer(requested: str, device: str) -> tuple[str, str | None]:
 class MetricsRecorder(TrainerCallback):
     """Adds perplexity and tokens/s to every log line and appends it to metrics_history.jsonl."""
 
-    def __init__(self, tracker: MetricsTracker):
+    def __init__(self, tracker: MetricsTracker | None):
         self.tracker = tracker
         self._last = None  # (time, tokens) at the previous training log line
         self._started = None
@@ -76,7 +75,7 @@ class MetricsRecorder(TrainerCallback):
             if elapsed > 0:
                 logs["tokens_per_second"] = entry["tokens_per_second"] = (tokens - self._last[1]) / elapsed
             self._last = (now, tokens)
-        if state.is_world_process_zero:
+        if self.tracker is not None:  # the main process's
             self.tracker.log_metrics({k: v for k, v in entry.items() if v is not None})
 
 
@@ -126,8 +125,8 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         full_determinism=config.run.deterministic,
         use_cpu=device == "cpu",
         bf16=t.bf16,
-        # TensorBoard is added as a callback with our own log directory; [] would mean "all" here.
-        report_to=[b for b in config.monitoring.report_to if b != "tensorboard"] or "none",
+        # The reporting callbacks come from RunMonitor, after MetricsRecorder so they see what it adds.
+        report_to="none",
         include_num_input_tokens_seen="non_padding" if config.data.batching == "length_grouped" else "all",
         train_sampling_strategy="group_by_length" if config.data.batching == "length_grouped" else "random",
         remove_unused_columns=False,
@@ -137,22 +136,20 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
     )
 
 
-def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = False,
-                callbacks: tuple = ()) -> TrainingOutcome:
+def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = False, callbacks: tuple = (),
+                reporters: tuple = ()) -> TrainingOutcome:
+    """Train; `reporters` are the backends' callbacks. Only the main process writes the history and summary."""
     optimizer, note = choose_optimizer(config.training.optimizer, bundle.device)
     notes = [note] if note else []
     if note:
         log.warning(note)
-    tracker = MetricsTracker(run.path, resume=resume)
-    extra = [MetricsRecorder(tracker)]
-    if "tensorboard" in config.monitoring.report_to:
-        tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(run.tensorboard_path)  # instead of <output_dir>/runs/<date>
-        extra.append(tensorboard)
+    args = build_training_arguments(config, run, bundle.device, optimizer)
+    main = args.process_index == 0
+    tracker = MetricsTracker(run.path, resume=resume) if main else None
+    extra = [MetricsRecorder(tracker), *reporters]
     if config.evaluation.early_stopping_patience is not None:
         extra.append(EarlyStoppingCallback(config.evaluation.early_stopping_patience,
                                            config.evaluation.early_stopping_threshold))
-    args = build_training_arguments(config, run, bundle.device, optimizer)
     trainer = Trainer(
         model=bundle.model,
         args=args,
@@ -166,6 +163,9 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = Fal
     resume_from = str(checkpoints(run.path)[-1]) if resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     final_eval = _final_evaluation(trainer)
+    bundle.model.eval()
+    if not main:
+        return TrainingOutcome({}, [], dict(result.metrics), final_eval, optimizer, notes)
     summary = tracker.summary()
     summary.update(final_eval_loss=final_eval["eval_loss"], final_perplexity=final_eval["eval_perplexity"],
                    stopped_early=result.global_step < trainer.state.max_steps,
@@ -174,6 +174,5 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = Fal
     if torch.cuda.is_available():
         summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     run.summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    bundle.model.eval()
     return TrainingOutcome(summary, [m.to_dict() for m in tracker.history], dict(result.metrics), final_eval,
                            optimizer, notes)
