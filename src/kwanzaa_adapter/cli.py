@@ -29,10 +29,11 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 
 
 def _verification_errors() -> tuple[type[Exception], ...]:
+    from kwanzaa_adapter.export import MergeCheckError
     from kwanzaa_adapter.modeling import AdapterVerificationError
     from kwanzaa_adapter.train_adapter import ArtifactInvalidError, WeightsChangedError
 
-    return WeightsChangedError, ArtifactInvalidError, AdapterVerificationError
+    return WeightsChangedError, ArtifactInvalidError, AdapterVerificationError, MergeCheckError
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -152,6 +153,79 @@ def cmd_prepare_model(args) -> int:
     return EXIT_OK
 
 
+# --- backend: model factory, chat, generate, serve, export (SPEC section 8) -----------------
+
+
+def _load_model(args, validate=None):
+    """The config's model class with the verified adapter; `validate` runs first, before any load."""
+    from kwanzaa_adapter.config import load_training_config
+    from kwanzaa_adapter.models import model_from_config
+
+    config = load_training_config(args.config, tuple(args.set))
+    checked = validate(config) if validate else None
+    model = model_from_config(config, adapter=args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+    if model.adapter is not None and not model.adapter.base_digest_matches:
+        print(f"warning: base model digest differs from the one {args.adapter} was trained on "
+              "(--allow-base-mismatch)", file=sys.stderr)
+    return model, checked
+
+
+def cmd_generate(args) -> int:
+    from kwanzaa_adapter.console import answer_records, read_records
+
+    model, items = _load_model(args, lambda config: read_records(args.input, config.data.system_prompt))
+    for line in answer_records(model, items):
+        print(json.dumps(line, ensure_ascii=False), flush=True)
+    return EXIT_OK
+
+
+def cmd_chat(args) -> int:
+    from kwanzaa_adapter.console import load_documents, run_chat
+
+    documents = load_documents(args.documents) if args.documents else []
+    model, _ = _load_model(args)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_chat(model, documents, input, write, args.max_new_tokens)
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    from kwanzaa_adapter.serving import (
+        LOOPBACK_HOSTS, SERVE_EXTRA_MISSING, ServeLimits, api_key_from_environment, serve, serve_extra_installed)
+
+    if not serve_extra_installed():
+        print(f"error: {SERVE_EXTRA_MISSING}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
+                         max_question_chars=args.max_question_chars, max_document_chars=args.max_document_chars,
+                         max_new_tokens=args.max_new_tokens)
+    api_key = api_key_from_environment()
+    if args.host not in LOOPBACK_HOSTS and api_key is None:
+        print(f"warning: serving on {args.host} without an API key; set KWANZAA_ADAPTER_API_KEY", file=sys.stderr)
+    model, _ = _load_model(args)
+    serve(model, args.host, args.port, limits, api_key)
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from kwanzaa_adapter.export import export_merged
+
+    config = None
+    if args.config:
+        from kwanzaa_adapter.config import load_training_config
+
+        config = load_training_config(args.config, tuple(args.set))
+    result = export_merged(args.adapter, args.merge, config, tolerance=args.tolerance,
+                           allow_base_mismatch=args.allow_base_mismatch)
+    print(result.check.summary())
+    print(f"merged model: {result.directory}")
+    return EXIT_OK
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 
@@ -205,7 +279,50 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-model", help="resolve a model reference; convert GGUF/packaged models once")
     p.add_argument("reference", help="packaged name, .gguf file, directory or hub id")
     p.set_defaults(func=cmd_prepare_model)
+
+    _add_backend_parsers(sub)
     return parser
+
+
+def _model_arguments(p, adapter_required: bool = False) -> None:
+    p.add_argument("--config", required=not adapter_required, help="run configuration YAML (base model, prompt)")
+    p.add_argument("--adapter", required=adapter_required, help="artifact directory (verified before it is loaded)")
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load the adapter even on a base model with another digest than it was trained on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+
+
+def _add_backend_parsers(sub) -> None:
+    from kwanzaa_adapter.serving import ServeLimits
+
+    p = sub.add_parser("generate", help="answer each RAG record of a JSONL file; one JSON line per record")
+    _model_arguments(p)
+    p.add_argument("--input", required=True, help="JSONL of RAG records (or chat lines with meta.documents)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive questions over documents, answers streamed")
+    _model_arguments(p)
+    p.add_argument("--documents", help="JSON file: a list of documents, or an object with a documents list")
+    p.add_argument("--max-new-tokens", type=int, help="generation limit (default evaluation.max_new_tokens)")
+    p.set_defaults(func=cmd_chat)
+
+    limits = ServeLimits()
+    p = sub.add_parser("serve", help="HTTP API: /v1/answer, /v1/chat/completions, /healthz")
+    _model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    for name, help_text in (("max_body_bytes", "request body size"), ("max_documents", "documents per request"),
+                            ("max_question_chars", "question length"), ("max_document_chars", "document length"),
+                            ("max_new_tokens", "generated tokens per request")):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(limits, name),
+                       help=f"limit on {help_text} (default %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="merge the adapter into its de-quantized base; check logits")
+    _model_arguments(p, adapter_required=True)
+    p.add_argument("--merge", required=True, metavar="OUT", help="new directory for the merged model")
+    p.add_argument("--tolerance", type=float, default=None, help="max |logit difference| allowed (default 1e-3)")
+    p.set_defaults(func=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:
