@@ -147,9 +147,10 @@ def cmd_registry_pull(args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
-    from kwanzaa_adapter.modeling import materialize, resolve_model_reference
+    from kwanzaa_adapter.modeling import download_hub_model, materialize, resolve_model_reference
 
-    print(materialize(resolve_model_reference(args.reference)))
+    source = resolve_model_reference(args.reference)
+    print(download_hub_model(source) if source.kind == "hub" else materialize(source))
     return EXIT_OK
 
 

@@ -32,14 +32,15 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity pass `gt=0`-style bounds (every comparison with NaN is false): refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RunConfig(_Section):
     name: str = Field(default="kwanzaa-adapter", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="Run name; the run directory is <output_dir>/<name>.")
     output_dir: str = Field(default="outputs", description="Parent directory of run directories.")
-    seed: int = Field(default=42, ge=0, description="Seed for Python, NumPy and torch.")
+    seed: int = Field(default=42, ge=0, le=2**32 - 1, description="Seed for Python, NumPy and torch.")
     version: str = Field(default="0.1.0", description="Semantic version of the published artifact.")
     deterministic: bool = Field(default=True, description="Use deterministic algorithms where the device allows.")
 
@@ -54,13 +55,13 @@ class RunConfig(_Section):
 class ArchitectureConfig(_Section):
     """Declared shape of the base model, used by the dry-run planner when its config is out of reach."""
 
-    num_parameters: int = Field(gt=0, description="Total parameter count of the base model.")
-    hidden_size: int = Field(gt=0, description="Model width.")
-    intermediate_size: int = Field(gt=0, description="MLP width.")
-    num_hidden_layers: int = Field(gt=0, description="Number of transformer blocks.")
-    num_attention_heads: int = Field(gt=0, description="Attention heads.")
-    num_key_value_heads: int = Field(gt=0, description="Key/value heads (GQA).")
-    vocab_size: int = Field(gt=0, description="Embedding rows.")
+    num_parameters: int = Field(gt=0, le=10**13, description="Total parameter count of the base model.")
+    hidden_size: int = Field(gt=0, le=10**8, description="Model width.")
+    intermediate_size: int = Field(gt=0, le=10**8, description="MLP width.")
+    num_hidden_layers: int = Field(gt=0, le=10**8, description="Number of transformer blocks.")
+    num_attention_heads: int = Field(gt=0, le=10**8, description="Attention heads.")
+    num_key_value_heads: int = Field(gt=0, le=10**8, description="Key/value heads (GQA).")
+    vocab_size: int = Field(gt=0, le=10**8, description="Embedding rows.")
     tie_word_embeddings: bool = Field(default=False, description="Whether lm_head shares the embedding.")
 
 
@@ -85,8 +86,8 @@ class QuantizationConfig(_Section):
 
 class AdapterConfig(_Section):
     type: Literal["lora"] = Field(default="lora", description="Adapter kind.")
-    r: int = Field(gt=0, description="LoRA rank.")
-    alpha: int = Field(gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    r: int = Field(gt=0, le=4096, description="LoRA rank.")
+    alpha: int = Field(gt=0, le=65536, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(min_length=1, description="Module names that get LoRA.")
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train.")
@@ -95,7 +96,7 @@ class AdapterConfig(_Section):
 class DataConfig(_Section):
     train_file: str = Field(description="Training JSONL (chat or RAG-record form).")
     eval_file: str = Field(description="Evaluation JSONL.")
-    max_seq_length: int = Field(gt=0, description="Tokens per sample; longer samples are truncated and counted.")
+    max_seq_length: int = Field(gt=0, le=1_048_576, description="Tokens per sample; longer samples are truncated and counted.")
     system_prompt: str = Field(default=DEFAULT_SYSTEM_PROMPT, min_length=1,
                                description="System prompt for rendered RAG records.")
     batching: Literal["packed", "length_grouped"] = Field(
@@ -103,38 +104,38 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    num_epochs: float = Field(gt=0, description="Passes over the training data.")
-    max_steps: int = Field(default=-1, ge=-1, description="Optimizer steps; -1 derives them from num_epochs.")
-    per_device_batch_size: int = Field(gt=0, description="Samples per device per micro-batch.")
-    gradient_accumulation_steps: int = Field(gt=0, description="Micro-batches per optimizer step.")
+    num_epochs: float = Field(gt=0, le=10_000, description="Passes over the training data.")
+    max_steps: int = Field(default=-1, ge=-1, le=10**9, description="Optimizer steps; -1 derives them from num_epochs.")
+    per_device_batch_size: int = Field(gt=0, le=65536, description="Samples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(gt=0, le=65536, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(gt=0, le=1.0, description="Peak learning rate.")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         default="cosine", description="Schedule after warmup.")
     warmup_ratio: float = Field(default=0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up.")
-    weight_decay: float = Field(default=0.0, ge=0.0, description="AdamW weight decay.")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=10.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
         default="paged_adamw_8bit", description="Optimizer; 8-bit/paged fall back to adamw_torch off CUDA.")
     gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
     bf16: bool = Field(default=False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16).")
-    logging_steps: int = Field(default=10, gt=0, description="Optimizer steps between log lines.")
+    logging_steps: int = Field(default=10, gt=0, le=10**9, description="Optimizer steps between log lines.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train.")
 
 
 class EvaluationConfig(_Section):
-    eval_steps: int = Field(gt=0, description="Optimizer steps between eval-loss passes.")
-    early_stopping_patience: int | None = Field(default=None, gt=0,
+    eval_steps: int = Field(gt=0, le=10**9, description="Optimizer steps between eval-loss passes.")
+    early_stopping_patience: int | None = Field(default=None, gt=0, le=10**6,
                                                 description="Evals without improvement before stopping.")
     early_stopping_threshold: float = Field(default=0.0, ge=0.0, description="Minimum eval-loss improvement.")
     behavioral: bool = Field(default=True, description="Generate on the eval split and score the contract.")
-    max_new_tokens: int = Field(default=256, gt=0, description="Generation limit per answer.")
-    batch_size: int = Field(default=8, gt=0, description="Prompts per generation batch.")
-    max_examples: int | None = Field(default=None, gt=0, description="Evaluate only the first N examples.")
+    max_new_tokens: int = Field(default=256, gt=0, le=65536, description="Generation limit per answer.")
+    batch_size: int = Field(default=8, gt=0, le=65536, description="Prompts per generation batch.")
+    max_examples: int | None = Field(default=None, gt=0, le=10**9, description="Evaluate only the first N examples.")
 
 
 class CheckpointConfig(_Section):
-    save_steps: int = Field(gt=0, description="Optimizer steps between checkpoints.")
-    save_total_limit: int = Field(default=3, gt=0, description="Checkpoints kept on disk.")
+    save_steps: int = Field(gt=0, le=10**9, description="Optimizer steps between checkpoints.")
+    save_total_limit: int = Field(default=3, gt=0, le=10**6, description="Checkpoints kept on disk.")
 
 
 class ArtifactConfig(_Section):
@@ -229,6 +230,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError([f"{path}: cannot read: {exc}"]) from None
     try:
         value = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError([f"{path}: YAML nests too deeply to be a config"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

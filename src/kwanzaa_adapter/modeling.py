@@ -130,8 +130,12 @@ def convert_gguf(gguf_path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s into %s (one time)", gguf_path.name, target)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                      dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as exc:  # a parser fed an arbitrary file can fail in any way; name the file
+        raise ModelReferenceError(f"{gguf_path}: not a loadable GGUF model: {exc}") from None
     plain = loaded.config.to_dict()
     plain.pop("quantization_config", None)  # the saved weights are de-quantized float32
     rebuilt = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(plain), dtype=torch.float32)
@@ -165,8 +169,32 @@ def materialize(source: ModelSource) -> str:
     if source.kind in ("packaged", "gguf"):
         return str(convert_gguf(source.path))
     if source.kind == "local":
+        _check_model_config(source.path / "config.json")
         return str(source.path)
     return source.reference
+
+
+def _check_model_config(path: Path) -> None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ModelReferenceError(f"{path}: not a readable model config: {exc}") from None
+    if not isinstance(value, dict) or not isinstance(value.get("model_type"), str):
+        raise ModelReferenceError(f"{path}: not a transformers model config (no model_type)")
+
+
+def download_hub_model(source: ModelSource) -> Path:
+    """Fetch a hub model into the Hugging Face cache; unreachable or unknown ids are bad input."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.reference, revision=source.revision))
+    except Exception as exc:  # network, auth and not-found errors come in many classes
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelReferenceError(
+            f"cannot download '{source.reference}' from the Hugging Face hub: {first}. Without network "
+            "access, download it where there is one and point model.name_or_path at the directory."
+        ) from None
 
 
 def resolve_device(requested: str) -> str:

@@ -100,3 +100,24 @@ def check_safetensors_header(path: str | Path) -> dict[str, Any]:
     if position != data_size:
         raise SafetensorsHeaderError(f"data area has {data_size} bytes but tensors cover {position}")
     return header
+
+
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def nonfinite_tensors(path: str | Path, header: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors holding NaN or infinity (call after the header check passed).
+
+    A NaN adapter weight turns every generation into garbage, and checksums cannot tell: a run that
+    diverged seals its NaNs as faithfully as good weights.
+    """
+    import torch
+    from safetensors import safe_open
+
+    names = [n for n, info in header.items() if n != "__metadata__" and info["dtype"] in FLOAT_DTYPES]
+    bad = []
+    with safe_open(str(path), framework="pt") as handle:
+        for name in names:
+            if not bool(torch.isfinite(handle.get_tensor(name)).all()):
+                bad.append(name)
+    return bad

@@ -13,7 +13,11 @@ from kwanzaa_adapter.artifacts.manifest import (
     scan_directory,
     sha256_file,
 )
-from kwanzaa_adapter.artifacts.safetensors_header import SafetensorsHeaderError, check_safetensors_header
+from kwanzaa_adapter.artifacts.safetensors_header import (
+    SafetensorsHeaderError,
+    check_safetensors_header,
+    nonfinite_tensors,
+)
 
 REQUIRED_FILES = (
     "README.md",
@@ -102,9 +106,14 @@ def verify_artifact(
     for path in on_disk:
         if path.endswith(".safetensors"):
             try:
-                check_safetensors_header(directory / path)
+                header = check_safetensors_header(directory / path)
             except (SafetensorsHeaderError, OSError) as exc:
                 rejected.append(PathRejection(path, f"is not a valid safetensors file: {exc}"))
+                continue
+            nonfinite = nonfinite_tensors(directory / path, header)
+            if nonfinite:
+                names = ", ".join(nonfinite[:3]) + (f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
+                rejected.append(PathRejection(path, f"holds NaN or infinite values in {names}"))
     missing = {name for name in required_files if name not in disk}
 
     manifest = None

@@ -23,16 +23,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _not_blank(value: str, info) -> str:
+    if not value.strip():
+        raise ValueError(f"{info.field_name} is empty")
+    return value
+
+
 class Message(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str
 
-    @field_validator("content")
-    @classmethod
-    def _not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("content is empty")
-        return value
+    _blank_check = field_validator("content")(_not_blank)
 
 
 class ChatExample(_Strict):
@@ -55,6 +56,8 @@ class Document(_Strict):
     url: str | None = None
     text: str = Field(min_length=1)
 
+    _blank_check = field_validator("title", "text")(_not_blank)
+
 
 class RagRecord(_Strict):
     """RAG record form: retrieved documents, a question and (for training) the gold answer."""
@@ -64,6 +67,8 @@ class RagRecord(_Strict):
     documents: list[Document]
     expect_refusal: bool
     answer: Answer | None = None
+
+    _blank_check = field_validator("id", "question")(_not_blank)
 
     @model_validator(mode="after")
     def _gold_answer_agrees(self) -> "RagRecord":

@@ -181,6 +181,9 @@ def _scan(path, tokenizer, max_seq_length, system_prompt, require_answer, max_is
 
 def _read_lines(path: Path, found: _Collector):
     """Yield (line number, bytes without newline); over-long lines are reported, never held whole."""
+    if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+        found.add(0, "not_a_file", "is not a regular file (a directory, FIFO or device)")
+        return
     with path.open("rb") as handle:
         number = 0
         while True:
