@@ -135,6 +135,17 @@ def test_bad_requests_get_4xx_json_errors(server, path, payload, status, fragmen
     assert fragment in response.json()["error"]["message"]
 
 
+def test_prompt_beyond_the_context_window_gets_413(model):
+    window = model.model.config.max_position_embeddings
+    roomy = ServeLimits(max_body_bytes=1 << 20, max_messages=8, max_message_chars=100_000, max_new_tokens=8)
+    long_chat = {"messages": [{"role": "user", "content": "Kwanzaa " * 600}] * 8}
+    with running(create_app(model, roomy)) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", json=long_chat, timeout=60)
+        assert response.status_code == 413
+        assert f"context window is {window} tokens" in response.json()["error"]["message"]
+        assert httpx.get(f"{url}/healthz", timeout=60).status_code == 200
+
+
 def test_malformed_and_oversized_bodies_get_4xx_and_the_server_stays_up(server):
     cases = [
         (server.post("/v1/answer", content=b"{not json", headers={"content-type": "application/json"}), 400),

@@ -191,6 +191,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
+    from kwanzaa_adapter.models.causal_lm import PromptTooLongError
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request, exc):
         errors = exc.errors()
@@ -198,6 +200,10 @@ def _install_error_handlers(app: FastAPI) -> None:
             return _error(400, "invalid_json", "the request body is not valid JSON")
         parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors[:10]]
         return _error(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(PromptTooLongError)
+    async def too_long(request, exc):
+        return _error(413, "context_length_exceeded", str(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):

@@ -8,6 +8,7 @@ from kwanzaa_adapter.models.causal_lm import (
     CausalLMModel,
     ChatStream,
     ModelFamilyError,
+    PromptTooLongError,
 )
 from kwanzaa_adapter.models.factory import MODEL_REGISTRY, UnknownModelError, create_model, model_from_config
 
@@ -20,6 +21,7 @@ __all__ = [
     "CausalLMModel",
     "ChatStream",
     "ModelFamilyError",
+    "PromptTooLongError",
     "UnknownModelError",
     "create_model",
     "model_from_config",

@@ -40,6 +40,10 @@ class ModelFamilyError(ModelReferenceError):
     """The base model is not of an architecture the chosen model class serves (exit 2)."""
 
 
+class PromptTooLongError(ValueError):
+    """Prompt plus generation limit exceed the model's context window."""
+
+
 # --------------------------------------------------------------------------- adapter checks
 
 
@@ -173,8 +177,7 @@ class ChatStream:
         self.owner, self.max_new_tokens = owner, max_new_tokens
         self.sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
             else {"do_sample": False}
-        encoded = owner.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
-        self.prompt_ids = list(encoded["input_ids"])
+        self.prompt_ids = owner.encode(messages, max_new_tokens)
         self.prompt_tokens, self.completion_tokens = len(self.prompt_ids), 0
         self.finish_reason: str | None = None
         self.text = ""
@@ -270,7 +273,19 @@ class CausalLMModel:
         return render_record(record, self.config.data.system_prompt)
 
     def answer(self, question: str, documents: Sequence[Document], max_new_tokens: int | None = None) -> AnswerResult:
-        return self.answer_prompts([self.prompt_for(question, documents)], max_new_tokens)[0]
+        prompt = self.prompt_for(question, documents)
+        self.encode(prompt, max_new_tokens or self.config.evaluation.max_new_tokens)  # fits the context window
+        return self.answer_prompts([prompt], max_new_tokens)[0]
+
+    def encode(self, messages: Sequence[dict], max_new_tokens: int) -> list[int]:
+        """Chat-templated prompt ids; PromptTooLongError when they and the answer would not fit."""
+        encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = list(encoded["input_ids"])
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        if window is not None and len(ids) + max_new_tokens > window:
+            raise PromptTooLongError(f"the prompt is {len(ids)} tokens and {max_new_tokens} may be generated, "
+                                     f"but the model's context window is {window} tokens")
+        return ids
 
     def answer_prompts(self, prompts: Sequence[list[dict]], max_new_tokens: int | None = None,
                        progress: bool = False) -> list[AnswerResult]:
