@@ -12,6 +12,7 @@ from conftest import ROOT, build_tiny_model
 from kwanzaa_adapter.answer import Answer
 from kwanzaa_adapter.cli import main
 from kwanzaa_adapter.config import load_training_config
+from kwanzaa_adapter.console import run_chat
 from kwanzaa_adapter.data.records import Document
 from kwanzaa_adapter.modeling import AdapterVerificationError
 from kwanzaa_adapter.models import (
@@ -211,3 +212,19 @@ def test_chat_with_a_bad_documents_file_exits_2_naming_it(tiny_artifact, tmp_pat
     err = capsys.readouterr().err
     assert "documents.json: 0.text" in err and "Traceback" not in err
 
+
+
+def test_chat_question_beyond_the_context_window_is_reported_and_the_session_goes_on(loaded):
+    window = loaded.model.config.max_position_embeddings
+    written = []
+    questions = iter(["Kwanzaa " * window, "Short?"])
+
+    def read(prompt: str) -> str:
+        try:
+            return next(questions)
+        except StopIteration:
+            raise EOFError from None
+
+    asked = run_chat(loaded, DOCUMENTS, read, written.append, max_new_tokens=2)
+    output = "".join(written)
+    assert asked == 1 and "[not asked: the prompt is" in output and f"context window is {window} tokens" in output

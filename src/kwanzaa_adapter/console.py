@@ -10,7 +10,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from kwanzaa_adapter.data.records import Document
 from kwanzaa_adapter.evaluation import EvalItem, EvaluationDataError, load_eval_items
-from kwanzaa_adapter.models.causal_lm import AnswerResult, CausalLMModel
+from kwanzaa_adapter.models.causal_lm import AnswerResult, CausalLMModel, PromptTooLongError
 
 _DOCUMENTS = TypeAdapter(list[Document])
 
@@ -80,7 +80,11 @@ def run_chat(model: CausalLMModel, documents: Sequence[Document], read: Callable
             return answered
         if not question:
             continue
-        stream = model.stream_chat(model.prompt_for(question, documents), max_new_tokens)
+        try:
+            stream = model.stream_chat(model.prompt_for(question, documents), max_new_tokens)
+        except PromptTooLongError as exc:
+            write(f"[not asked: {exc}]\n")
+            continue
         for piece in stream:
             write(piece)
         write("\n" + describe_result(AnswerResult.from_output(stream.text)) + "\n")

@@ -143,6 +143,8 @@ def save_merged(adapted, tokenizer, directory: Path) -> None:
     merged.config.use_cache = True  # an inference model; training switched the cache off
     merged.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    for path in directory.iterdir():
+        path.chmod(0o644)  # safetensors writes weights private; the export is for everyone to read
 
 
 def sample_prompt_ids(tokenizer, config: KwanzaaConfig, device: str) -> list[torch.Tensor]:
