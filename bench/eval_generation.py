@@ -49,6 +49,35 @@ def load_prompts(eval_file: Path, n: int) -> tuple[list[list[dict]], str]:
     return synthetic_prompts(n), "synthetic"
 
 
+def measure(model_dir: Path | None = None, eval_file: Path = DEFAULT_EVAL_FILE, n: int = 16,
+            max_new_tokens: int = 64, batch_size: int = 16, device: str = "cpu") -> dict:
+    """Batched and one-at-a-time greedy generation over the same prompts; `speedup` = batched / single tokens/s."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = model_dir or default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    prompts, source = load_prompts(eval_file, n)
+    settings = dict(max_new_tokens=max_new_tokens, progress=False)
+
+    generate(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2, progress=False)  # warm-up
+    batched = generate(model, tokenizer, prompts, batch_size=batch_size, **settings)
+    single = generate(model, tokenizer, prompts, batch_size=1, **settings)
+    return {
+        "model_dir": str(model_dir), "device": device, "machine": platform.machine(),
+        "threads": torch.get_num_threads(), "prompts": len(prompts), "source": source,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "batched_tokens": batched.new_tokens, "batched_seconds": round(batched.seconds, 3),
+        "batched_tokens_per_second": round(batched.tokens_per_second, 2),
+        "single_tokens": single.new_tokens, "single_seconds": round(single.seconds, 3),
+        "single_tokens_per_second": round(single.tokens_per_second, 2),
+        "speedup": round(batched.tokens_per_second / single.tokens_per_second, 3),
+        "identical_outputs": sum(a == b for a, b in zip(batched.token_ids, single.token_ids)),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="saved transformers model (default: SmolLM2)")
@@ -59,38 +88,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model_dir = args.model_dir or default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)
-    prompts, source = load_prompts(args.eval_file, args.n)
-    settings = dict(max_new_tokens=args.max_new_tokens, progress=False)
-
-    generate(model, tokenizer, prompts[:2], max_new_tokens=4, batch_size=2, progress=False)  # warm-up
-    batched = generate(model, tokenizer, prompts, batch_size=args.batch_size, **settings)
-    single = generate(model, tokenizer, prompts, batch_size=1, **settings)
-    same = sum(a == b for a, b in zip(batched.token_ids, single.token_ids))
-
-    print(f"model {model_dir} on {args.device} ({torch.get_num_threads()} threads), {len(prompts)} prompts from {source}")
-    print(f"batched (batch {args.batch_size}): {batched.new_tokens} tokens in {batched.seconds:.2f}s = "
-          f"{batched.tokens_per_second:.1f} tokens/s")
-    print(f"one at a time:      {single.new_tokens} tokens in {single.seconds:.2f}s = {single.tokens_per_second:.1f} tokens/s")
-    print(f"speed-up: {batched.tokens_per_second / single.tokens_per_second:.2f}x; "
-          f"identical outputs: {same}/{len(prompts)}")
-    print(json.dumps({
-        "model_dir": str(model_dir), "device": args.device, "machine": platform.machine(),
-        "threads": torch.get_num_threads(), "prompts": len(prompts), "source": source,
-        "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-        "batched_tokens": batched.new_tokens, "batched_seconds": round(batched.seconds, 3),
-        "batched_tokens_per_second": round(batched.tokens_per_second, 2),
-        "single_tokens": single.new_tokens, "single_seconds": round(single.seconds, 3),
-        "single_tokens_per_second": round(single.tokens_per_second, 2),
-        "speedup": round(batched.tokens_per_second / single.tokens_per_second, 3),
-        "identical_outputs": same,
-    }))
+    r = measure(args.model_dir, args.eval_file, args.n, args.max_new_tokens, args.batch_size, args.device)
+    print(f"model {r['model_dir']} on {r['device']} ({r['threads']} threads), {r['prompts']} prompts from {r['source']}")
+    print(f"batched (batch {r['batch_size']}): {r['batched_tokens']} tokens in {r['batched_seconds']:.2f}s = "
+          f"{r['batched_tokens_per_second']:.1f} tokens/s")
+    print(f"one at a time:      {r['single_tokens']} tokens in {r['single_seconds']:.2f}s = "
+          f"{r['single_tokens_per_second']:.1f} tokens/s")
+    print(f"speed-up: {r['speedup']:.2f}x; identical outputs: {r['identical_outputs']}/{r['prompts']}")
+    print(json.dumps(r))
 
 
 if __name__ == "__main__":
