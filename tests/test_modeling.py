@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, build_tiny_model, packaged_gguf_path, write_run_config
-from kwanzaa_adapter.config import load_training_config
+from kwanzaa_adapter.config import ConfigError, load_training_config
 from kwanzaa_adapter.modeling import (
     CONVERSION_RECORD,
     ModelReferenceError,
@@ -105,6 +105,17 @@ def test_unknown_target_module_names_the_real_linear_layers(tmp_path, tiny_model
     model, _, _ = load_base_model(config, "cpu")
     with pytest.raises(ModelReferenceError, match=r"\['qkv'\] not found.*q_proj"):
         add_adapter(model, config)
+
+
+def test_quant_storage_in_the_compute_dtype_for_sharding(tmp_path, tiny_model_dir):
+    """FSDP and ZeRO-3 shard 4-bit weights only when they are stored in a float dtype."""
+    config = load_training_config(write_run_config(tmp_path, tiny_model_dir,
+                                                   quantization={"quant_storage": "bfloat16"}))
+    model, _, _ = load_base_model(config, "cpu")
+    packed = {m.weight.dtype for m in model.modules() if type(m).__name__ == "Linear4bit"}
+    assert packed == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="quantization.quant_storage"):
+        load_training_config(write_run_config(tmp_path, tiny_model_dir, quantization={"quant_storage": "int3"}))
 
 
 def test_trust_remote_code_stays_off_in_every_shipped_profile():

@@ -82,6 +82,9 @@ class QuantizationConfig(_Section):
     double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Dtype of the de-quantized matmuls.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        default="uint8", description="Container dtype of the packed 4-bit weights; FSDP and ZeRO-3 shard them "
+                                     "only when it equals the compute dtype.")
 
 
 class AdapterConfig(_Section):
