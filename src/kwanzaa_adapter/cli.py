@@ -1,6 +1,7 @@
 """The `kwanzaa-adapter` command: parse arguments, call library functions, map errors to exit codes.
 
-Exit codes: 0 success; 1 a verification failed; 2 bad input (config, data, paths, model reference).
+Exit codes: 0 success; 1 a verification failed; 2 bad input (config, data, paths, model reference)
+or a file the operating system would not read or write (a full disk, say).
 """
 
 from __future__ import annotations
@@ -342,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_VERIFICATION
     except FileNotFoundError as exc:
         print(f"error: file not found: {exc.filename or exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a full disk, a read-only directory: nothing was published
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

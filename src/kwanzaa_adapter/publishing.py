@@ -19,6 +19,7 @@ from kwanzaa_adapter import __version__
 from kwanzaa_adapter.artifacts import atomic_directory, seal_artifact
 from kwanzaa_adapter.behavior import COMPARISON_PLOT
 from kwanzaa_adapter.evaluation import plot_comparison
+from kwanzaa_adapter.faults import fault_point
 from kwanzaa_adapter.modeling import file_sha256
 from kwanzaa_adapter.monitoring import plot_training_curves
 from kwanzaa_adapter.verification import verify_adapter_state_dict
@@ -186,8 +187,13 @@ versions, hardware, dataset digests and timings.
 """
 
 
-def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior=None) -> Path:
-    """Write final_artifact/ atomically (temporary directory, then rename) and seal it."""
+def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior=None,
+                          check=None) -> Path:
+    """Write final_artifact/ atomically (temporary directory, then rename) and seal it.
+
+    `check(staging)` runs on the sealed artifact before it is renamed into place: a run killed or
+    failing during that verification publishes nothing.
+    """
     model = bundle.model
     behavioral = behavior.as_json() if behavior else None
     if behavioral:
@@ -197,6 +203,7 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
     metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral)
     with atomic_directory(run.artifact_path) as staging:
         model.save_pretrained(staging, safe_serialization=True)
+        fault_point("artifact_write")
         verify_adapter_state_dict(load_file(staging / "adapter_model.safetensors"))
         plot_training_curves(outcome.history, staging / CURVES_FILE, title=f"{config.run.name} v{run.version}")
         shutil.copyfile(staging / CURVES_FILE, run.path / CURVES_FILE)  # the run directory shows it too
@@ -209,6 +216,8 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
         (staging / "training_metrics.json").write_text(json.dumps(training_metrics, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(generate_adapter_readme(config, metadata, bool(behavior)))
         seal_artifact(staging)
+        if check is not None:
+            check(staging)
     results = {"artifact": str(run.artifact_path), "metadata": metadata, "training_metrics": training_metrics,
                "trainable_parameter_names": bundle.parameters["trainable_names"],
                "dtype_changes": [str(change) for change in bundle.dtype_changes]}

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kwanzaa_adapter.artifacts.manifest import MANIFEST_NAME
 from kwanzaa_adapter.config import KwanzaaConfig
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_DIRNAME = "final_artifact"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Checkpoints and artifacts are written under this prefix and renamed when complete; an entry that
+# still carries it was left by a killed process.
+TEMPORARY_PREFIX = ".tmp-"
 
 
 class RunDirectoryError(Exception):
@@ -39,9 +47,11 @@ def published_version(run_path: Path) -> str | None:
 
 
 def checkpoints(run_path: Path) -> list[Path]:
+    """The complete checkpoints (sealed with their manifest), oldest first."""
     if not run_path.is_dir():
         return []
-    found = [p for p in run_path.iterdir() if p.is_dir() and CHECKPOINT.match(p.name)]
+    found = [p for p in run_path.iterdir()
+             if CHECKPOINT.match(p.name) and p.is_dir() and (p / MANIFEST_NAME).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT.match(p.name).group(1)))
 
 
@@ -96,7 +106,7 @@ def open_run_directory(config: KwanzaaConfig, resume: bool = False) -> RunDirect
         if published_version(path) is not None:
             raise RunDirectoryError(f"{path}: already published an artifact; there is nothing to resume")
         if not checkpoints(path):
-            raise RunDirectoryError(f"{path}: no checkpoint to resume from")
+            raise RunDirectoryError(f"{path}: no checkpoint to resume from (none complete); start the run again without --resume")
     else:
         path, version = _choose_path(config)
     path.mkdir(parents=True, exist_ok=True)
@@ -106,4 +116,16 @@ def open_run_directory(config: KwanzaaConfig, resume: bool = False) -> RunDirect
     except BlockingIOError:
         handle.close()
         raise RunDirectoryError(f"{path}: another train process is using this run directory") from None
+    remove_leftovers(path)
     return RunDirectory(path, version, handle)
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete what a killed run left half-written (`.tmp-*`); called with the run's lock held."""
+    for entry in path.iterdir():
+        if entry.name.startswith(TEMPORARY_PREFIX):
+            log.info("removing %s, left by an interrupted run", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()

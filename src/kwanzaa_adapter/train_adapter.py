@@ -21,12 +21,14 @@ from transformers import enable_full_determinism, set_seed
 from kwanzaa_adapter import modeling
 from kwanzaa_adapter.artifacts import verify_artifact
 from kwanzaa_adapter.behavior import BehaviorReport, measure_behavior
+from kwanzaa_adapter.checkpointing import RunIdentity
 from kwanzaa_adapter.config import KwanzaaConfig, load_training_config
 from kwanzaa_adapter.data.collation import make_collator, padding_share
 from kwanzaa_adapter.data.tokenization import tokenize_file
 from kwanzaa_adapter.data.validation import load_examples
 from kwanzaa_adapter.distributed import Ranks, open_shared_run_directory, process_ranks
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
+from kwanzaa_adapter.faults import fault_point
 from kwanzaa_adapter.monitoring import RunMonitor, check_backends
 from kwanzaa_adapter.publishing import save_adapter_artifact
 from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError
@@ -92,7 +94,7 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         bundle = initialize_model(config, device)  # 2
         baseline = save_baseline(bundle, run, resume, ranks)  # 3
         datasets = load_datasets(config, bundle, ranks)  # 4
-        outcome = training_loop(config, bundle, datasets, run, resume, callbacks, monitor)  # 5
+        outcome = training_loop(config, bundle, datasets, run, baseline, resume, callbacks, monitor)  # 5
         behavior = evaluate_behavior(config, bundle, run, ranks, monitor, outcome)  # 5b, covered by step 6 too
         verify_weights(bundle, run, ranks)  # 6, on every process
         if not ranks.is_main:
@@ -182,10 +184,15 @@ def batching_padding_share(config: KwanzaaConfig, tokenizer, features: list[dict
     return padding_share(collate(features[i:i + size]) for i in range(0, len(features), size))
 
 
-def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirectory, resume: bool,
-                  callbacks: tuple, monitor: RunMonitor) -> TrainingOutcome:
-    """Step 5: the transformers Trainer, reporting to the enabled backends."""
-    return run_trainer(config, bundle, datasets, run, resume=resume, callbacks=callbacks,
+def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirectory, baseline: dict,
+                  resume: bool, callbacks: tuple, monitor: RunMonitor) -> TrainingOutcome:
+    """Step 5: the transformers Trainer, reporting to the enabled backends.
+
+    Checkpoints carry the run's identity (config, data and base-model digests); a resumed run
+    continues from the newest complete checkpoint only if that identity is its own.
+    """
+    identity = RunIdentity.of_run(config, baseline)
+    return run_trainer(config, bundle, datasets, run, identity, resume=resume, callbacks=callbacks,
                        reporters=tuple(monitor.callbacks()))
 
 
@@ -211,12 +218,18 @@ def verify_weights(bundle: ModelBundle, run: RunDirectory, ranks: Ranks = Ranks(
 
 
 def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior) -> Path:
-    """Step 7: final_artifact/ written to a temporary directory and renamed into place."""
-    return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior)
+    """Step 7: final_artifact/ written to a temporary directory, verified there, and renamed into place."""
+    return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior,
+                                 check=validate_artifact)
 
 
 def validate_artifact(artifact: Path) -> None:
-    """Step 8: completeness and integrity, exactly as `kwanzaa-adapter verify` checks them."""
+    """Step 8: completeness and integrity, exactly as `kwanzaa-adapter verify` checks them.
+
+    Run on the staging directory before publication (so a failure or a crash here publishes
+    nothing) and again on the published copy.
+    """
+    fault_point("artifact_verify")
     report = verify_artifact(artifact)
     if not report.ok:
         raise ArtifactInvalidError(f"{artifact}: artifact failed verification:\n{report.format()}")

@@ -1,24 +1,37 @@
 """Step 5 of the workflow: the transformers `Trainer`, configured from the typed config.
 
 No hand-written loop: accumulation, clipping, the schedule, evaluation, checkpoints, resume and
-early stopping are the Trainer's. This module only translates the config and records metrics.
+early stopping are the Trainer's. This module translates the config, records metrics, and makes
+each checkpoint complete or absent (`KwanzaaTrainer._save_checkpoint`, see checkpointing.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from kwanzaa_adapter.checkpointing import (
+    RunIdentity,
+    checkpoint_to_resume,
+    publish_checkpoint,
+    rotate_checkpoints,
+    staging_path,
+)
 
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.data.collation import make_collator
 from kwanzaa_adapter.data.supervised_logits import SupervisedLogitsCollator, supervised_loss
+from kwanzaa_adapter.faults import FaultInjection, fault_injection_enabled, fault_point
 from kwanzaa_adapter.metrics import MetricsTracker, compute_perplexity
-from kwanzaa_adapter.rundir import checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +92,52 @@ class MetricsRecorder(TrainerCallback):
             self.tracker.log_metrics({k: v for k, v in entry.items() if v is not None})
 
 
+class KwanzaaTrainer(Trainer):
+    """The Trainer, with checkpoints that are complete or absent and carry the run's identity.
+
+    `Trainer._save_checkpoint` writes `checkpoint-N` in place and rotates by deleting in place, so
+    a crash can leave a half-written or half-deleted checkpoint under a name that resume trusts.
+    Here the same pieces (model, optimizer, scheduler, scaler, RNG states, trainer state) go to
+    `.tmp-checkpoint-N`, which is sealed with a manifest and renamed; old ones are renamed away
+    before they are deleted.
+    """
+
+    def __init__(self, *args, identity: RunIdentity, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.identity = identity
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self.args.output_dir)
+        final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = staging_path(final)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.store_flos()
+        self.save_model(str(staging), _internal_call=True)
+        fault_point("checkpoint_write")
+        if self.state.best_global_step:  # recorded under the name it has once published
+            best = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+            if best == final or best.is_dir():
+                self.state.best_model_checkpoint = str(best)
+        self._save_optimizer_and_scheduler(str(staging))
+        self._save_scaler(str(staging))
+        self._save_rng_state(str(staging))  # every process writes its own
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        for callback in [*self.callback_handler.callbacks, self.control]:
+            if isinstance(callback, ExportableState):
+                name = callback.__class__.__name__
+                if isinstance(self.state.stateful_callbacks.get(name), list):
+                    self.state.stateful_callbacks[name].append(callback.state())
+                else:
+                    self.state.stateful_callbacks[name] = callback.state()
+        self.state.save_to_json(str(staging / "trainer_state.json"))
+        publish_checkpoint(staging, final, self.identity)
+        rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+
+
 def _final_evaluation(trainer: Trainer) -> dict:
     """Eval metrics at the final step: the scheduled evaluation's when it ran there, else a new one."""
     state = trainer.state
@@ -136,9 +195,13 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
     )
 
 
-def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = False, callbacks: tuple = (),
-                reporters: tuple = ()) -> TrainingOutcome:
-    """Train; `reporters` are the backends' callbacks. Only the main process writes the history and summary."""
+def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdentity, resume: bool = False,
+                callbacks: tuple = (), reporters: tuple = ()) -> TrainingOutcome:
+    """Train; `reporters` are the backends' callbacks. Only the main process writes the history and summary.
+
+    `identity` is sealed into every checkpoint; resuming checks it against the newest checkpoint's.
+    """
+    resume_from = str(checkpoint_to_resume(run.path, identity)) if resume else None
     optimizer, note = choose_optimizer(config.training.optimizer, bundle.device)
     notes = [note] if note else []
     if note:
@@ -150,7 +213,9 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = Fal
     if config.evaluation.early_stopping_patience is not None:
         extra.append(EarlyStoppingCallback(config.evaluation.early_stopping_patience,
                                            config.evaluation.early_stopping_threshold))
-    trainer = Trainer(
+    if fault_injection_enabled():
+        extra.append(FaultInjection())
+    trainer = KwanzaaTrainer(
         model=bundle.model,
         args=args,
         train_dataset=datasets.train,
@@ -159,8 +224,8 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, resume: bool = Fal
         compute_loss_func=supervised_loss,
         processing_class=bundle.tokenizer,
         callbacks=[*extra, *callbacks],
+        identity=identity,
     )
-    resume_from = str(checkpoints(run.path)[-1]) if resume else None
     result = trainer.train(resume_from_checkpoint=resume_from)
     final_eval = _final_evaluation(trainer)
     bundle.model.eval()

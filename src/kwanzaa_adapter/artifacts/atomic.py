@@ -18,7 +18,7 @@ from kwanzaa_adapter.artifacts.manifest import (
 )
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -26,13 +26,13 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
     """Flush every file and directory under `root` (directories too: they hold the names)."""
     for current, dirs, files in os.walk(root):
         for name in files:
             if not os.path.islink(os.path.join(current, name)):
-                _fsync_path(Path(current, name))
-        _fsync_path(Path(current))
+                fsync_path(Path(current, name))
+        fsync_path(Path(current))
 
 
 @contextmanager
@@ -50,13 +50,13 @@ def atomic_directory(final_dir: str | Path) -> Iterator[Path]:
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published artifact is readable by all
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         # Checked again: another writer may have published meanwhile, and rename() would silently
         # replace an empty directory.
         if final.exists() or final.is_symlink():
             raise ArtifactError(f"{final} appeared while the artifact was being written; not replacing it")
         os.rename(tmp, final)
-        _fsync_path(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
