@@ -35,6 +35,17 @@ def test_export_writes_a_sealed_safetensors_model_with_tokenizer_and_chat_templa
     assert AutoTokenizer.from_pretrained(exported.directory).chat_template
 
 
+def test_verify_command_knows_the_export_layout(exported, capsys):
+    assert main(["verify", str(exported.directory)]) == 0
+    assert capsys.readouterr().out.startswith("OK ")
+    (exported.directory / "config.json").rename(exported.directory / "config.json.bak")
+    try:
+        assert main(["verify", str(exported.directory)]) == 1
+        assert "missing     config.json" in capsys.readouterr().out
+    finally:
+        (exported.directory / "config.json.bak").rename(exported.directory / "config.json")
+
+
 def test_merged_logits_match_base_plus_adapter_within_tolerance(exported):
     check = json.loads((exported.directory / CHECK_FILE).read_text())
     assert check["passed"] and check["max_abs_diff"] <= check["tolerance"] == 1e-3

@@ -84,9 +84,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from kwanzaa_adapter.artifacts import verify_artifact
+    from kwanzaa_adapter.artifacts import REQUIRED_FILES, verify_artifact
+    from kwanzaa_adapter.export import EXPORT_RECORD, EXPORT_REQUIRED
 
-    report = verify_artifact(Path(args.artifact_dir))
+    directory = Path(args.artifact_dir)
+    # A merged export has its own layout (full model, no adapter files) under the same manifest rules.
+    required = EXPORT_REQUIRED if (directory / EXPORT_RECORD).is_file() else REQUIRED_FILES
+    report = verify_artifact(directory, required_files=required)
     print(report.format())
     return EXIT_OK if report.ok else EXIT_VERIFICATION
 
