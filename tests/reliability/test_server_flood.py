@@ -1,0 +1,36 @@
+"""The server under a flood of bad requests: every one gets a 4xx, none a 5xx, and a good request
+afterwards is still answered."""
+
+from __future__ import annotations
+
+import pytest
+
+from kwanzaa_adapter.config import load_training_config
+from kwanzaa_adapter.models import model_from_config
+from kwanzaa_adapter.serving import ServeLimits, create_app
+from test_serve import running
+from tiny_artifact import tiny_artifact  # noqa: F401
+
+from .flood import KEY, bad_requests, flood, still_answers
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_artifact):  # noqa: F811
+    config, artifact = tiny_artifact
+    model = model_from_config(load_training_config(config, ("evaluation.max_new_tokens=4",)), adapter=artifact)
+    with running(create_app(model, ServeLimits(), api_key=KEY)) as url:
+        yield url
+
+
+def test_the_flood_has_a_few_hundred_distinct_bad_requests():
+    names = [request.name for request in bad_requests()]
+    assert len(names) >= 200 and len(set(names)) == len(names)
+
+
+def test_hundreds_of_bad_requests_get_4xx_and_a_good_one_is_still_answered(keyed_server):
+    result = flood(keyed_server)
+    assert result.sent >= 200
+    assert result.failures == [], "\n".join(result.failures)
+    assert result.server_errors == 0
+    assert {401, 404, 405, 413, 422, 400} <= set(result.statuses)
+    assert still_answers(keyed_server)
