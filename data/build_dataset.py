@@ -1,6 +1,6 @@
 """Build the shipped Kwanzaa dataset from the authored sources in data/source/.
 
-    python data/build_dataset.py           # write the four JSONL files, print token lengths
+    python data/build_dataset.py           # write the five JSONL files, print token lengths
     python data/build_dataset.py --check   # exit 1 if the committed files differ from a fresh build
 
 Each authored question names its relevant documents by id; the build adds seeded distractors
@@ -24,7 +24,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kwanzaa_adapter.answer import CONTRACT_VERSION, Answer
-from kwanzaa_adapter.data.records import ChatExample, Document, RagRecord, render_record
+from kwanzaa_adapter.data.records import (
+    DEFAULT_SYSTEM_PROMPT,
+    ChatExample,
+    Document,
+    RagRecord,
+    render_record,
+    render_user_turn,
+)
 
 SEED = 1966
 DOCS_PER_RECORD = 3
@@ -32,6 +39,8 @@ DATA_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = DATA_DIR / "source"
 SPLITS = ("train", "eval")
 CONFIDENCE = {"complete": 0.9, "partial": 0.6, "insufficient_data": 0.1}
+# The demo trains on this: every train record on its own, then the same questions as dialogues.
+MIX_FILE = "kwanzaa_train_mix.jsonl"
 PLACEHOLDER = re.compile(r"\{d:([a-z0-9_]+)\}")
 
 Split = Literal["train", "eval"]
@@ -185,6 +194,50 @@ def chat_line(record: RagRecord, split: str) -> dict:
     return line
 
 
+def dialogue_groups(questions: list[SourceQuestion]) -> list[list[SourceQuestion]]:
+    """Train questions grouped by their one relevant document (source order); a question that needs
+    two documents stays a group of its own."""
+    groups: dict[tuple[str, ...], list[SourceQuestion]] = {}
+    for question in questions:
+        if question.split != "train":
+            continue
+        key = tuple(question.doc_ids) if len(question.doc_ids) == 1 else ("", question.id)
+        groups.setdefault(key, []).append(question)
+    return list(groups.values())
+
+
+def dialogue_line(group: list[SourceQuestion], documents: dict[str, SourceDocument]) -> dict:
+    """One conversation: the documents once, then every question of the group in a seeded order.
+
+    The first turn is exactly a single-record prompt; later turns ask about the same numbered
+    documents, so the model sees answerable and unanswerable questions side by side for the price
+    of reading the documents once.
+    """
+    shown = choose_documents(group[0], documents)
+    order = list(group)
+    random.Random(f"{SEED}:dialogue:{group[0].id}").shuffle(order)
+    messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
+    for turn, question in enumerate(order):
+        try:
+            answer = build_answer(question, shown)
+        except ValueError as exc:
+            raise ValueError(f"question {question.id!r}: {exc}") from exc
+        prompt = render_user_turn(question.question, [d.as_document() for d in shown]) if turn == 0 \
+            else f"Question: {question.question}"
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer.to_json()}]
+    line = {"messages": messages,
+            "meta": {"id": f"dialogue:{group[0].id}", "split": "train", "questions": [q.id for q in order],
+                     "expect_refusal": [q.is_refusal for q in order]}}
+    ChatExample.model_validate(line)
+    return line
+
+
+def build_dialogues(source_dir: Path = SOURCE_DIR) -> list[dict]:
+    documents = load_documents(source_dir / "documents.jsonl")
+    questions = load_questions(source_dir / "questions.jsonl")
+    return [dialogue_line(group, documents) for group in dialogue_groups(questions)]
+
+
 def to_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -195,6 +248,7 @@ def build_outputs(source_dir: Path = SOURCE_DIR) -> dict[str, str]:
     for split, records in build_records(source_dir).items():
         outputs[f"kwanzaa_{split}_records.jsonl"] = to_jsonl([record_line(r) for r in records])
         outputs[f"kwanzaa_{split}.jsonl"] = to_jsonl([chat_line(r, split) for r in records])
+    outputs[MIX_FILE] = outputs["kwanzaa_train.jsonl"] + to_jsonl(build_dialogues(source_dir))
     return outputs
 
 

@@ -143,10 +143,36 @@ def test_gold_answers_score_perfectly_on_the_behavioral_metrics(records):
             assert verdict["citation_ok"] and verdict["groundedness"] == 1.0, record.id
 
 
+def test_mix_holds_the_train_records_then_every_question_once_in_dialogues(records):
+    by_id = {r.id: r for r in records["train"]}
+    asked = []
+    mix = _read_jsonl(DATA_DIR / build_dataset.MIX_FILE)
+    assert mix[: len(by_id)] == _read_jsonl(DATA_DIR / "kwanzaa_train.jsonl")
+    for line in mix[len(by_id):]:
+        ChatExample.model_validate(line)
+        messages = line["messages"]
+        ids = line["meta"]["questions"]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        answers = [m["content"] for m in messages if m["role"] == "assistant"]
+        assert [m["role"] for m in messages] == ["system"] + ["user", "assistant"] * len(ids)
+        assert users[0].startswith("Documents:\n[1] ") and users[0].count("\n[") == 3, ids
+        assert all(u.startswith("Question: ") and "Documents:" not in u for u in users[1:]), ids
+        for record_id, user, raw in zip(ids, users, answers):
+            record = by_id[record_id]
+            assert user.endswith(f"Question: {record.question}")
+            parsed = parse_answer(raw)
+            assert parsed.ok and parsed.answer.is_refusal == record.expect_refusal, record_id
+            assert set(parsed.answer.cited_numbers()) <= {1, 2, 3}, record_id
+            assert line["meta"]["expect_refusal"][ids.index(record_id)] == record.expect_refusal
+        asked += ids
+    assert sorted(asked) == sorted(by_id), "every train question once, and nothing from eval"
+
+
 def test_build_is_deterministic_and_matches_committed_files():
     first = build_dataset.build_outputs()
     assert build_dataset.build_outputs() == first
-    assert sorted(first) == sorted(f"kwanzaa_{s}{k}.jsonl" for s in SPLITS for k in ("", "_records"))
+    expected = [f"kwanzaa_{s}{k}.jsonl" for s in SPLITS for k in ("", "_records")] + [build_dataset.MIX_FILE]
+    assert sorted(first) == sorted(expected)
     assert build_dataset.stale_files(first) == []
     assert build_dataset.main(["--check"]) == 0
 
