@@ -132,13 +132,18 @@ def kill_and_resume(label: str, config: Path, output_dir: Path, cache: Path, ref
         trial.note = f"not killed: exit {first.code}; {first.output[-500:]}"
         return trial
     trial.partial_after_kill = partial_files(run_dir)
-    complete = checkpoints(run_dir)
-    trial.resumed_from = complete[-1].name if complete else "scratch"
-    again = run(train_command(config, output_dir, *(("--resume",) if complete else ())), child_env(cache))
-    trial.resumed = again.code == 0
-    if not trial.resumed:
-        trial.note = f"resume exit {again.code}: {again.output[-800:]}"
-        return trial
+    if (run_dir / "final_artifact").is_dir() and not trial.partial_after_kill:
+        # Killed after the verified artifact was renamed into place: the run's result is complete
+        # and `train --resume` rightly refuses (exit 2, nothing to resume).
+        trial.resumed_from, trial.resumed = "published", True
+    else:
+        complete = checkpoints(run_dir)
+        trial.resumed_from = complete[-1].name if complete else "scratch"
+        again = run(train_command(config, output_dir, *(("--resume",) if complete else ())), child_env(cache))
+        trial.resumed = again.code == 0
+        if not trial.resumed:
+            trial.note = f"resume exit {again.code}: {again.output[-800:]}"
+            return trial
     trial.partial_after_resume = partial_files(run_dir)
     trial.identical = (run_dir / "final_artifact" / WEIGHTS).read_bytes() == reference
     return trial

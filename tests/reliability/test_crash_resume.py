@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import TrainerCallback
 
 from conftest import write_run_config
 from kwanzaa_adapter import cli
@@ -25,6 +24,7 @@ from kwanzaa_adapter.artifacts import verify_artifact
 from kwanzaa_adapter.checkpointing import IDENTITY_FILE, checkpoint_problems
 from kwanzaa_adapter.rundir import checkpoints
 from kwanzaa_adapter.train_adapter import train_adapter
+from test_train_workflow import CrashAfter
 
 from .corpus import snapshot
 from .crash import KILL_RUN, child_env, kill_and_resume, partial_files, reference_run, train_command
@@ -56,17 +56,6 @@ def test_run_killed_at_any_moment_resumes_to_identical_adapter_bytes(kill_setup,
     assert trial.resumed, trial.note
     assert trial.identical
     assert not [p.name for p in (out / "tiny").iterdir() if p.name.startswith(".tmp-")]
-
-
-class CrashAfter(TrainerCallback):
-    """Stops training abruptly once checkpoint `step` is written."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            raise KeyboardInterrupt(f"simulated crash after step {state.global_step}")
 
 
 @pytest.fixture(scope="module")
