@@ -106,7 +106,8 @@ def open_run_directory(config: KwanzaaConfig, resume: bool = False) -> RunDirect
         if published_version(path) is not None:
             raise RunDirectoryError(f"{path}: already published an artifact; there is nothing to resume")
         if not checkpoints(path):
-            raise RunDirectoryError(f"{path}: no checkpoint to resume from (none complete); start the run again without --resume")
+            raise RunDirectoryError(f"{path}: no checkpoint to resume from (none complete); "
+                                    "start the run again without --resume")
     else:
         path, version = _choose_path(config)
     path.mkdir(parents=True, exist_ok=True)
