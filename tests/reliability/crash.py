@@ -75,7 +75,8 @@ class Finished:
 def run(command: list[str], env: dict, kill_after: float | None = None, timeout: float = RUN_TIMEOUT_S) -> Finished:
     """Run to the end, or SIGKILL it after `kill_after` seconds; the output is stdout and stderr together."""
     started = time.monotonic()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = process.communicate(timeout=kill_after if kill_after is not None else timeout)
     except subprocess.TimeoutExpired:
