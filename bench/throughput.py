@@ -331,6 +331,7 @@ def train_trl(work: Path, config_path: Path, overrides: list[str], probe) -> dic
 
     from kwanzaa_adapter import modeling
     from kwanzaa_adapter.data.validation import load_examples
+    from kwanzaa_adapter.trainer import schedule_arguments
 
     config = load_config(config_path, overrides)
     location = modeling.materialize(modeling.resolve_model_reference(config.model.name_or_path))
@@ -340,19 +341,10 @@ def train_trl(work: Path, config_path: Path, overrides: list[str], probe) -> dic
         attn_implementation=config.model.attn_implementation, device_map={"": "cpu"})
     rows = [{"prompt": e.messages[:-1], "completion": e.messages[-1:]}
             for e in load_examples(config.data.train_file)]
-    t = config.training
     args = SFTConfig(
         output_dir=str(work / "trl-out"),
         max_length=config.data.max_seq_length,
-        per_device_train_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        num_train_epochs=t.num_epochs,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=config.run.seed,
+        **schedule_arguments(config),  # the same batch, schedule and seed as ours; the rest TRL's defaults
         use_cpu=True,
         report_to="none",
     )
@@ -467,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         for side, result in results.items():
             metrics = side_metrics(result, peak)
             print(json.dumps({"side": side, **{k: round(v, 4) for k, v in metrics.items()},
-                              "peak_rss_mb": round(result["peak_rss_mb"], 1), "final_loss": round(result["final_loss"], 4),
+                              "peak_rss_mb": round(result["peak_rss_mb"], 1),
+                              "final_loss": round(result["final_loss"], 4),
                               "train_seconds": round(result["train_seconds"], 1),
                               "wall_seconds": round(result["wall_seconds"], 1), "overrides": args.set}))
         return 0

@@ -152,21 +152,30 @@ def _final_evaluation(trainer: Trainer) -> dict:
     return final
 
 
+def schedule_arguments(config: KwanzaaConfig) -> dict:
+    """The batch and optimization settings any transformers-Trainer recipe takes from the config."""
+    t = config.training
+    return {
+        "num_train_epochs": t.num_epochs,
+        "per_device_train_batch_size": t.per_device_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler,
+        "warmup_steps": t.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "seed": config.run.seed,
+    }
+
+
 def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str) -> TrainingArguments:
     t, e, c = config.training, config.evaluation, config.checkpointing
     early = e.early_stopping_patience is not None
     return TrainingArguments(
         output_dir=str(run.path),
-        num_train_epochs=t.num_epochs,
+        **schedule_arguments(config),
         max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_batch_size,
         per_device_eval_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a ratio of the total steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
         optim=optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
@@ -179,7 +188,6 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        seed=config.run.seed,
         data_seed=config.run.seed,
         full_determinism=config.run.deterministic,
         use_cpu=device == "cpu",
