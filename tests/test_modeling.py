@@ -19,7 +19,8 @@ from kwanzaa_adapter.modeling import (
     materialize,
     resolve_model_reference,
 )
-from kwanzaa_adapter.verification import verify_only_adapter_trainable
+from kwanzaa_adapter.models.causal_lm import base_digest_as_trained
+from kwanzaa_adapter.verification import compute_model_state_checksum, verify_only_adapter_trainable
 
 
 def test_packaged_name_resolves_to_the_gguf_in_its_package():
@@ -121,3 +122,19 @@ def test_quant_storage_in_the_compute_dtype_for_sharding(tmp_path, tiny_model_di
 def test_trust_remote_code_stays_off_in_every_shipped_profile():
     for path in (ROOT / "configs").rglob("*.yaml"):
         assert "trust_remote_code: true" not in path.read_text(), path
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_kbit_preparation_upcasts_unquantized_weights_only_when_configured(tmp_path, tiny_model_dir, upcast):
+    """Training and serving prepare the base alike, so the digest serving checks is the one training recorded."""
+    config = load_training_config(write_run_config(
+        tmp_path, tiny_model_dir, model={"dtype": "bfloat16"},
+        quantization={"compute_dtype": "bfloat16", "upcast_unquantized": upcast}))
+    model, _, _ = load_base_model(config, "cpu")
+    peft_model = add_adapter(model, config)
+    unquantized = {p.dtype for n, p in peft_model.named_parameters() if "lora_" not in n and p.dtype.is_floating_point}
+    assert unquantized == ({torch.float32} if upcast else {torch.bfloat16})
+    assert verify_only_adapter_trainable(peft_model)["trainable"] > 0
+    trained_digest = compute_model_state_checksum(peft_model)["model_digest"]
+    served, _, _ = load_base_model(config, "cpu")
+    assert base_digest_as_trained(served, config) == trained_digest

@@ -85,6 +85,10 @@ class QuantizationConfig(_Section):
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         default="uint8", description="Container dtype of the packed 4-bit weights; FSDP and ZeRO-3 shard them "
                                      "only when it equals the compute dtype.")
+    upcast_unquantized: bool = Field(
+        default=True, description="k-bit preparation casts the unquantized weights (embeddings, norms) to fp32, "
+                                  "as PEFT does; false keeps them in model.dtype (bf16: about a third less "
+                                  "activation memory, the residual stream stays bf16).")
 
 
 class AdapterConfig(_Section):
@@ -119,9 +123,15 @@ class TrainingConfig(_Section):
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal["paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"] = Field(
         default="paged_adamw_8bit", description="Optimizer; 8-bit/paged fall back to adamw_torch off CUDA.")
-    gradient_checkpointing: bool = Field(default=True, description="Recompute activations to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        default=True, description="Recompute activations to save memory; auto: on when the run's memory "
+                                  "estimate without it exceeds half of the device's free memory.")
     bf16: bool = Field(default=False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16).")
     logging_steps: int = Field(default=10, gt=0, le=10**9, description="Optimizer steps between log lines.")
+    mmap_threshold_kib: int | None = Field(
+        default=None, gt=0, le=32 * 1024, description="glibc: host allocations of this many KiB or more get their "
+                                                     "own mmap, so CPU training's resident memory stops growing "
+                                                     "step after step; unset leaves the allocator as it is.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train.")
 
 

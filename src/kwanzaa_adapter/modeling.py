@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -293,15 +294,46 @@ def lora_config(config: KwanzaaConfig):
     )
 
 
-def add_adapter(model, config: KwanzaaConfig):
-    """k-bit preparation (4-bit only) and LoRA; returns the PEFT model."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def prepare_quantized_base(model, config: KwanzaaConfig, gradient_checkpointing: bool):
+    """k-bit preparation of a 4-bit base, the same for training and for loading an adapter to serve.
 
+    PEFT's `prepare_model_for_kbit_training` casts the unquantized fp16/bf16 weights to fp32, which
+    fp16 training needs for stability. With `quantization.upcast_unquantized: false` they keep
+    `model.dtype`: with bf16 the hidden states stay bf16 and the activations kept for the backward
+    pass shrink by about a third (bench/NOTES.md); the base weights are only frozen.
+    """
+    if config.quantization.upcast_unquantized:
+        from peft import prepare_model_for_kbit_training
+
+        with warnings.catch_warnings():  # a transformers deprecation inside peft, nothing to act on
+            warnings.simplefilter("ignore", FutureWarning)
+            return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
+
+
+def gradient_checkpointing_for(model, config: KwanzaaConfig) -> bool:
+    """`training.gradient_checkpointing` resolved for this model on its device (auto: by free memory)."""
+    from kwanzaa_adapter.planning import architecture_from_hf_config, gradient_checkpointing_on
+
+    return gradient_checkpointing_on(config, architecture_from_hf_config(model.config), model.device.type)
+
+
+def add_adapter(model, config: KwanzaaConfig, gradient_checkpointing: bool | None = None):
+    """k-bit preparation (4-bit only) and LoRA; returns the PEFT model.
+
+    `gradient_checkpointing`: whether the Trainer will recompute activations (default: the config's, resolved).
+    """
+    from peft import get_peft_model
+
+    if gradient_checkpointing is None:
+        gradient_checkpointing = gradient_checkpointing_for(model, config)
     if config.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.training.gradient_checkpointing
-        )
-    elif config.training.gradient_checkpointing:
+        model = prepare_quantized_base(model, config, gradient_checkpointing)
+    elif gradient_checkpointing:
         model.enable_input_require_grads()
     missing = [t for t in config.adapter.target_modules if not any(n.split(".")[-1] == t for n, _ in model.named_modules())]
     if missing:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from kwanzaa_adapter.modeling import (
     ModelReferenceError,
     load_base_model,
     load_verified_adapter,
+    prepare_quantized_base,
     resolve_device,
 )
 from kwanzaa_adapter.verification import compute_model_state_checksum
@@ -77,16 +77,12 @@ def verify_adapter_artifact(artifact: str | Path) -> VerifiedArtifact:
 def base_digest_as_trained(model, config: KwanzaaConfig) -> str:
     """The base model's digest as training recorded it in the artifact (`base_model.model_digest`).
 
-    Training takes its baseline after k-bit preparation, which casts the unquantized fp16/bf16
-    parameters (norms, embeddings) to fp32; the same cast is applied here, and it also gives the
-    adapter the numerics it was trained with.
+    Training takes its baseline after k-bit preparation, which may cast the unquantized fp16/bf16
+    parameters (norms, embeddings) to fp32; the same preparation is applied here, and it also gives
+    the adapter the numerics it was trained with.
     """
     if config.quantization.load_in_4bit:
-        from peft import prepare_model_for_kbit_training
-
-        with warnings.catch_warnings():  # a transformers deprecation inside peft, nothing to act on
-            warnings.simplefilter("ignore", FutureWarning)
-            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_quantized_base(model, config, gradient_checkpointing=False)
     return compute_model_state_checksum(model)["model_digest"]
 
 
