@@ -275,3 +275,38 @@ def test_resume_refuses_a_base_model_that_differs_from_the_runs_baseline(tmp_pat
     err = capsys.readouterr().err
     assert "cannot resume" in err and name in err
     assert not (tmp_path / "outputs" / "tiny" / "final_artifact").exists()
+
+
+def test_auto_gradient_checkpointing_follows_the_free_memory(monkeypatch):
+    """auto: on when the estimate without recomputation exceeds half of the free memory, off otherwise."""
+    from kwanzaa_adapter import planning
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    config = load_training_config("configs/training.yaml", ["training.gradient_checkpointing=auto"])
+    arch = config.model.architecture
+    needed = planning.estimate_memory(config, arch, "cuda", checkpointing=False).total
+    assert planning.gradient_checkpointing_on(config, arch, "cuda", free_bytes=int(1.9 * needed)) is True
+    assert planning.gradient_checkpointing_on(config, arch, "cuda", free_bytes=int(2.1 * needed)) is False
+    assert planning.estimate_memory(config, arch, "cuda", checkpointing=True).total < needed
+    fixed = load_training_config("configs/training.yaml")
+    assert planning.gradient_checkpointing_on(fixed, arch, "cuda", free_bytes=10**15) is True  # as set
+
+
+def test_recomputation_chosen_by_auto_trains_the_same_adapter(trained, tmp_path, tiny_model_dir, monkeypatch):
+    """A device short of memory gets gradient checkpointing from `auto`; the adapter it trains is the same."""
+    from kwanzaa_adapter import planning
+
+    monkeypatch.setattr(planning, "free_memory_bytes", lambda device: 1)
+    config = write_run_config(tmp_path, tiny_model_dir, training={"gradient_checkpointing": "auto"})
+    result = train_adapter(config)
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    assert metadata["gradient_checkpointing"] is True
+    _, first, _ = trained
+    assert json.loads((first.artifact_dir / "metadata.json").read_text())["gradient_checkpointing"] is False
+    from safetensors.torch import load_file
+
+    ours = load_file(result.artifact_dir / "adapter_model.safetensors")
+    theirs = load_file(first.artifact_dir / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)

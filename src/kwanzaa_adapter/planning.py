@@ -15,6 +15,9 @@ from kwanzaa_adapter.config import ArchitectureConfig, KwanzaaConfig
 
 GIB = 1024**3
 SEED_GPU_BUDGET_GIB = 12.0
+# `gradient_checkpointing: auto` turns recomputation on above this share of the free memory: the
+# estimate leaves out allocator fragmentation and the evaluation passes.
+AUTO_CHECKPOINTING_SHARE = 0.5
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES_PER_PARAM = {"paged_adamw_8bit": 2, "adamw_8bit": 2, "paged_adamw_32bit": 8, "adamw_torch": 8}
 # NF4 with block size 64: an fp32 absmax per block, or with double quantization an 8-bit absmax
@@ -50,7 +53,11 @@ def adapter_parameter_count(arch: ArchitectureConfig, r: int, targets: list[str]
     return per_layer * arch.num_hidden_layers, unknown
 
 
-def estimate_memory(config: KwanzaaConfig, arch: ArchitectureConfig, device: str) -> MemoryEstimate:
+def estimate_memory(config: KwanzaaConfig, arch: ArchitectureConfig, device: str,
+                    checkpointing: bool | None = None) -> MemoryEstimate:
+    """Bytes by component; `checkpointing` (default: the config's, auto resolved here) sets the activations."""
+    if checkpointing is None:
+        checkpointing = gradient_checkpointing_on(config, arch, device)
     est = MemoryEstimate(device=device)
     shapes = linear_shapes(arch)
     block_linear = arch.num_hidden_layers * sum(i * o for i, o in shapes.values())
@@ -78,7 +85,7 @@ def estimate_memory(config: KwanzaaConfig, arch: ArchitectureConfig, device: str
     tokens = config.training.per_device_batch_size * config.data.max_seq_length
     act_bytes = 2 if config.quantization.compute_dtype != "float32" else 4
     per_layer_full = 17 * act_bytes * tokens * arch.hidden_size  # 34·s·b·h bytes at 16 bits
-    if config.training.gradient_checkpointing:
+    if checkpointing:
         stored = arch.num_hidden_layers * tokens * arch.hidden_size * act_bytes
         est.components["activations (checkpointed inputs + one block)"] = stored + per_layer_full
     else:
@@ -93,6 +100,31 @@ def estimate_memory(config: KwanzaaConfig, arch: ArchitectureConfig, device: str
     return est
 
 
+def free_memory_bytes(device: str) -> int:
+    """Memory a run could still take on `device`: free CUDA memory, else available RAM."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def gradient_checkpointing_on(config: KwanzaaConfig, arch: ArchitectureConfig, device: str,
+                              free_bytes: int | None = None) -> bool:
+    """`training.gradient_checkpointing` for this run: true/false as set; auto recomputes activations only
+    when the estimate without recomputation exceeds AUTO_CHECKPOINTING_SHARE of the free memory.
+
+    Recomputation costs a third more compute per token (bench/NOTES.md); it pays only when memory is short.
+    """
+    setting = config.training.gradient_checkpointing
+    if setting != "auto":
+        return setting
+    free = free_memory_bytes(device) if free_bytes is None else free_bytes
+    return estimate_memory(config, arch, device, checkpointing=False).total > AUTO_CHECKPOINTING_SHARE * free
+
+
 def steps_per_epoch(rows: int, config: KwanzaaConfig, world_size: int = 1) -> int:
     per_step = config.training.per_device_batch_size * config.training.gradient_accumulation_steps * world_size
     return max(math.ceil(rows / per_step), 1)
@@ -104,7 +136,8 @@ def format_plan(config: KwanzaaConfig, source, arch: ArchitectureConfig, arch_or
     lora, _ = adapter_parameter_count(arch, a.r, list(a.target_modules))
     per_epoch = steps_per_epoch(train_rows, config)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(per_epoch * t.num_epochs)
-    est = estimate_memory(config, arch, device)
+    checkpointing = gradient_checkpointing_on(config, arch, device)
+    est = estimate_memory(config, arch, device, checkpointing)
     quant = (f"4-bit {q.quant_type}{' + double quant' if q.double_quant else ''}, compute {q.compute_dtype}"
              if q.load_in_4bit else f"none ({config.model.dtype} weights)")
     lines = [
@@ -123,7 +156,8 @@ def format_plan(config: KwanzaaConfig, source, arch: ArchitectureConfig, arch_or
         f"  schedule        {per_epoch} steps/epoch x {t.num_epochs} epochs = {total_steps} steps, lr {t.learning_rate} "
         f"{t.lr_scheduler}, warmup {t.warmup_ratio}",
         f"  optimizer       {t.optimizer}, clip {t.max_grad_norm}, gradient checkpointing "
-        f"{'on' if t.gradient_checkpointing else 'off'}, device {device}",
+        f"{'on' if checkpointing else 'off'}{' (auto)' if t.gradient_checkpointing == 'auto' else ''}, "
+        f"device {device}",
         f"  output          {config.run_dir}",
         f"Estimated {device} memory (batch of {t.per_device_batch_size} x {config.data.max_seq_length} tokens):",
     ]

@@ -82,6 +82,7 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         "parameters": {**{k: bundle.parameters[k] for k in ("trainable", "total", "percent")},
                        "trainable_tensors": len(bundle.parameters["trainable_names"])},
         "optimizer": outcome.optimizer,
+        "gradient_checkpointing": bundle.gradient_checkpointing,  # as resolved on this device
         "notes": outcome.notes,
         "final_metrics": final_metrics(outcome, behavioral),
     }

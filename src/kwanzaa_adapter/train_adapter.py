@@ -29,6 +29,7 @@ from kwanzaa_adapter.data.validation import load_examples
 from kwanzaa_adapter.distributed import Ranks, open_shared_run_directory, process_ranks
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
 from kwanzaa_adapter.faults import fault_point
+from kwanzaa_adapter.host_memory import fix_mmap_threshold
 from kwanzaa_adapter.monitoring import RunMonitor, check_backends
 from kwanzaa_adapter.publishing import save_adapter_artifact
 from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError
@@ -62,6 +63,7 @@ class ModelBundle:
     device: str
     parameters: dict
     dtype_changes: list = field(default_factory=list)
+    gradient_checkpointing: bool = False  # training.gradient_checkpointing, resolved on this device
 
 
 @dataclass
@@ -86,6 +88,8 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
     """Train, verify and publish an adapter. `callbacks` are extra transformers TrainerCallbacks."""
     started = time.time()
     config = load_configuration(config_path, overrides, output_dir)  # 1
+    if config.training.mmap_threshold_kib is not None:
+        fix_mmap_threshold(config.training.mmap_threshold_kib * 1024)
     device = modeling.resolve_device(config.training.device)
     ranks = process_ranks(device)
     # Never over a published artifact; the main process takes the lock and tells the others where it is.
@@ -121,8 +125,11 @@ def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
     # Seeded before LoRA's random initialisation, not only when the Trainer starts.
     (enable_full_determinism if config.run.deterministic else set_seed)(config.run.seed)
     model, tokenizer, source = modeling.load_base_model(config, device)
+    checkpointing = modeling.gradient_checkpointing_for(model, config)
+    if config.training.gradient_checkpointing == "auto":
+        log.info("gradient checkpointing (auto): %s on %s", "on" if checkpointing else "off", device)
     before = snapshot_dtypes(model)
-    model = modeling.add_adapter(model, config)
+    model = modeling.add_adapter(model, config, checkpointing)
     verify_only_adapter_trainable(model)
     parameters = get_trainable_parameters_summary(model)
     changes = report_dtype_changes(before, model)
@@ -130,7 +137,7 @@ def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
              parameters["percent"])
     for change in changes:
         log.info("k-bit preparation changed dtype: %s", change)
-    return ModelBundle(model, tokenizer, source, device, parameters, changes)
+    return ModelBundle(model, tokenizer, source, device, parameters, changes, checkpointing)
 
 
 def save_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool, ranks: Ranks = Ranks()) -> dict:

@@ -168,7 +168,8 @@ def schedule_arguments(config: KwanzaaConfig) -> dict:
     }
 
 
-def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str) -> TrainingArguments:
+def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str,
+                             gradient_checkpointing: bool) -> TrainingArguments:
     t, e, c = config.training, config.evaluation, config.checkpointing
     early = e.early_stopping_patience is not None
     return TrainingArguments(
@@ -177,11 +178,14 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         max_steps=t.max_steps,
         per_device_eval_batch_size=t.per_device_batch_size,
         optim=optimizer,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=e.eval_steps,
+        # Evaluation needs only the loss: without this the Trainer gathers every batch's logits
+        # (positions x vocabulary) until the pass ends.
+        prediction_loss_only=True,
         save_strategy="steps",
         save_steps=c.save_steps,
         save_total_limit=c.save_total_limit,
@@ -214,7 +218,7 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
     notes = [note] if note else []
     if note:
         log.warning(note)
-    args = build_training_arguments(config, run, bundle.device, optimizer)
+    args = build_training_arguments(config, run, bundle.device, optimizer, bundle.gradient_checkpointing)
     main = args.process_index == 0
     tracker = MetricsTracker(run.path, resume=resume) if main else None
     extra = [MetricsRecorder(tracker), *reporters]
