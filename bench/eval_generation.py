@@ -50,15 +50,22 @@ def load_prompts(eval_file: Path, n: int) -> tuple[list[list[dict]], str]:
 
 
 def measure(model_dir: Path | None = None, eval_file: Path = DEFAULT_EVAL_FILE, n: int = 16,
-            max_new_tokens: int = 64, batch_size: int = 16, device: str = "cpu") -> dict:
-    """Batched and one-at-a-time greedy generation over the same prompts; `speedup` = batched / single tokens/s."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+            max_new_tokens: int = 64, batch_size: int = 16, device: str = "cpu", model=None, tokenizer=None) -> dict:
+    """Batched and one-at-a-time greedy generation over the same prompts; `speedup` = batched / single tokens/s.
 
-    model_dir = model_dir or default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    `model` and `tokenizer`: an already loaded model (e.g. a trained 4-bit base + adapter), else the
+    model in `model_dir`. An untrained base answers in prose, and evaluation stops a sequence at its
+    first token that cannot start a JSON object, so only a model that has learned the contract
+    measures decoding rather than prompt processing.
+    """
+    if model is None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_dir = model_dir or default_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     prompts, source = load_prompts(eval_file, n)
     settings = dict(max_new_tokens=max_new_tokens, progress=False)
 
@@ -66,7 +73,7 @@ def measure(model_dir: Path | None = None, eval_file: Path = DEFAULT_EVAL_FILE, 
     batched = generate(model, tokenizer, prompts, batch_size=batch_size, **settings)
     single = generate(model, tokenizer, prompts, batch_size=1, **settings)
     return {
-        "model_dir": str(model_dir), "device": device, "machine": platform.machine(),
+        "model_dir": str(model_dir or type(model).__name__), "device": device, "machine": platform.machine(),
         "threads": torch.get_num_threads(), "prompts": len(prompts), "source": source,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size,
         "batched_tokens": batched.new_tokens, "batched_seconds": round(batched.seconds, 3),
@@ -78,6 +85,15 @@ def measure(model_dir: Path | None = None, eval_file: Path = DEFAULT_EVAL_FILE, 
     }
 
 
+def load_adapter_model(config_path: Path, artifact: Path, device: str = "cpu", overrides: tuple[str, ...] = ()):
+    """(model, tokenizer): the verified adapter on its base, loaded as `kwanzaa-adapter eval` loads it."""
+    from kwanzaa_adapter.config import load_training_config
+    from kwanzaa_adapter.models.factory import model_from_config
+
+    loaded = model_from_config(load_training_config(config_path, overrides), adapter=artifact, device=device)
+    return loaded.model, loaded.tokenizer
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=None, help="saved transformers model (default: SmolLM2)")
@@ -86,9 +102,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--adapter", type=Path, help="a trained artifact: generate with its 4-bit base + adapter")
+    parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"), help="run config of --adapter")
     args = parser.parse_args()
 
-    r = measure(args.model_dir, args.eval_file, args.n, args.max_new_tokens, args.batch_size, args.device)
+    model = tokenizer = None
+    if args.adapter is not None:
+        model, tokenizer = load_adapter_model(args.config, args.adapter, args.device)
+    r = measure(args.model_dir, args.eval_file, args.n, args.max_new_tokens, args.batch_size, args.device,
+                model, tokenizer)
     print(f"model {r['model_dir']} on {r['device']} ({r['threads']} threads), {r['prompts']} prompts from {r['source']}")
     print(f"batched (batch {r['batch_size']}): {r['batched_tokens']} tokens in {r['batched_seconds']:.2f}s = "
           f"{r['batched_tokens_per_second']:.1f} tokens/s")
