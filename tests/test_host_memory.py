@@ -1,4 +1,4 @@
-"""The fixed glibc mmap threshold (`training.mmap_threshold_kib`): freed large blocks go back to the OS."""
+"""`training.release_host_memory`: the heap's free pages go back to the OS."""
 
 from __future__ import annotations
 
@@ -8,19 +8,17 @@ import sys
 
 import pytest
 
-from kwanzaa_adapter.config import ConfigError, load_training_config
+from kwanzaa_adapter.config import load_training_config
 
 # Large blocks (sizes varying like a training step's activations) between small long-lived objects:
-# with glibc's dynamic threshold they come from the heap, which keeps them resident once freed.
+# glibc serves them from the heap once its dynamic mmap threshold has risen, and keeps them resident.
 SCRIPT = """
 import sys
-from kwanzaa_adapter.host_memory import fix_mmap_threshold
+from kwanzaa_adapter.host_memory import release_free_heap
 
 def rss_mb():
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) // 1024
 
-if sys.argv[1] == "fixed":
-    assert fix_mmap_threshold(1 << 20)
 warm = [bytearray(4 << 20) for _ in range(2)]
 del warm  # freeing an mmapped block raises glibc's dynamic threshold above its size
 base = rss_mb()
@@ -29,6 +27,8 @@ for i in range(64):
     live.append(bytearray((2 << 20) + 4096 * i))
     pins.append(bytearray(512))
 live.clear()
+if sys.argv[1] == "release":
+    assert release_free_heap()
 print(rss_mb() - base)
 """
 
@@ -39,14 +39,28 @@ def retained_mb(mode: str) -> int:
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_fixed_threshold_returns_freed_blocks_that_the_dynamic_one_keeps():
-    dynamic, fixed = retained_mb("dynamic"), retained_mb("fixed")
-    assert fixed < 16, fixed
-    assert dynamic - fixed > 64, (dynamic, fixed)  # 64 blocks of 2 MB+: the heap kept them
+def test_released_heap_returns_the_freed_blocks_the_heap_kept():
+    kept, released = retained_mb("keep"), retained_mb("release")
+    assert released < 16, released
+    assert kept - released > 64, (kept, released)  # 64 blocks of 2 MB+ stayed resident without the release
 
 
-def test_threshold_is_bounded_in_the_config(tiny_run_config):
-    config = load_training_config(tiny_run_config(training={"mmap_threshold_kib": 1024}))
-    assert config.training.mmap_threshold_kib == 1024
-    with pytest.raises(ConfigError, match="training.mmap_threshold_kib"):
-        load_training_config(tiny_run_config(training={"mmap_threshold_kib": 0}))
+def test_release_runs_after_every_optimizer_step(tiny_run_config):
+    from kwanzaa_adapter import trainer
+    from kwanzaa_adapter.train_adapter import train_adapter
+
+    calls = []
+
+    def counted() -> bool:
+        calls.append(1)
+        return trainer.release_free_heap.__wrapped__()
+
+    counted.__wrapped__ = trainer.release_free_heap
+    config = tiny_run_config(training={"release_host_memory": True})
+    assert load_training_config(config).training.release_host_memory
+    original, trainer.release_free_heap = trainer.release_free_heap, counted
+    try:
+        train_adapter(config)
+    finally:
+        trainer.release_free_heap = original
+    assert len(calls) == 4  # max_steps of the tiny config

@@ -128,10 +128,9 @@ class TrainingConfig(_Section):
                                   "estimate without it exceeds half of the device's free memory.")
     bf16: bool = Field(default=False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16).")
     logging_steps: int = Field(default=10, gt=0, le=10**9, description="Optimizer steps between log lines.")
-    mmap_threshold_kib: int | None = Field(
-        default=None, gt=0, le=32 * 1024, description="glibc: host allocations of this many KiB or more get their "
-                                                     "own mmap, so CPU training's resident memory stops growing "
-                                                     "step after step; unset leaves the allocator as it is.")
+    release_host_memory: bool = Field(
+        default=False, description="Return the heap's free pages to the OS after every optimizer step (glibc "
+                                   "malloc_trim): CPU training's resident memory stops growing step after step.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train.")
 
 

@@ -1,33 +1,38 @@
-"""The host allocator: keep a CPU training run's resident memory at its working set.
+"""The host heap: keep a CPU training run's resident memory at its working set.
 
 glibc serves a large allocation with its own `mmap` (returned to the OS when freed) only above a
 threshold, and it raises that threshold to the size of every such block freed, up to 32 MiB. After
 the first steps, the activations of a training step (a few MB each, of sizes that change with every
-sequence length) therefore come from the heap, which fragments: the process's resident memory grows
-step after step although the tensors alive at any time do not (bench/NOTES.md). A fixed threshold
-stops the growth, at the cost of page faults on each large allocation.
+sequence length) therefore come from the heap, which fragments and keeps freed pages resident: the
+process's resident memory grows step after step although the tensors alive at any time do not
+(bench/NOTES.md). `malloc_trim` hands the heap's free pages back; once per optimizer step it costs
+little, since a step reuses its own freed blocks before the next trim.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import logging
-
-log = logging.getLogger(__name__)
-
-M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h); setting it also turns off the dynamic threshold
+import functools
 
 
-def fix_mmap_threshold(threshold_bytes: int) -> bool:
-    """Have glibc `mmap` every allocation of `threshold_bytes` or more; False where libc is not glibc."""
+@functools.cache
+def _malloc_trim():
+    """glibc's `malloc_trim`, looked up once; None elsewhere."""
     name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
+        trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):
-        mallopt = None
-    if mallopt is None:
-        log.info("host allocator left as it is: no glibc mallopt on this system")
+        return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the OS (glibc `malloc_trim(0)`); False where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, threshold_bytes) == 1
+    trim(0)
+    return True

@@ -29,7 +29,6 @@ from kwanzaa_adapter.data.validation import load_examples
 from kwanzaa_adapter.distributed import Ranks, open_shared_run_directory, process_ranks
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
 from kwanzaa_adapter.faults import fault_point
-from kwanzaa_adapter.host_memory import fix_mmap_threshold
 from kwanzaa_adapter.monitoring import RunMonitor, check_backends
 from kwanzaa_adapter.publishing import save_adapter_artifact
 from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError
@@ -88,8 +87,6 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
     """Train, verify and publish an adapter. `callbacks` are extra transformers TrainerCallbacks."""
     started = time.time()
     config = load_configuration(config_path, overrides, output_dir)  # 1
-    if config.training.mmap_threshold_kib is not None:
-        fix_mmap_threshold(config.training.mmap_threshold_kib * 1024)
     device = modeling.resolve_device(config.training.device)
     ranks = process_ranks(device)
     # Never over a published artifact; the main process takes the lock and tells the others where it is.

@@ -31,6 +31,7 @@ from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.data.collation import make_collator
 from kwanzaa_adapter.data.supervised_logits import SupervisedLogitsCollator, supervised_loss
 from kwanzaa_adapter.faults import FaultInjection, fault_injection_enabled, fault_point
+from kwanzaa_adapter.host_memory import release_free_heap
 from kwanzaa_adapter.metrics import MetricsTracker, compute_perplexity
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,13 @@ class MetricsRecorder(TrainerCallback):
             self._last = (now, tokens)
         if self.tracker is not None:  # the main process's
             self.tracker.log_metrics({k: v for k, v in entry.items() if v is not None})
+
+
+class ReleaseHostMemory(TrainerCallback):
+    """Returns the heap's free pages to the OS after every optimizer step (`training.release_host_memory`)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        release_free_heap()
 
 
 class KwanzaaTrainer(Trainer):
@@ -225,6 +233,8 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
     if config.evaluation.early_stopping_patience is not None:
         extra.append(EarlyStoppingCallback(config.evaluation.early_stopping_patience,
                                            config.evaluation.early_stopping_threshold))
+    if config.training.release_host_memory:
+        extra.append(ReleaseHostMemory())
     if fault_injection_enabled():
         extra.append(FaultInjection())
     trainer = KwanzaaTrainer(
