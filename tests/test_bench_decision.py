@@ -3,7 +3,6 @@ teacher-forced refusal probability, checked on hand-made numbers, a shipped reco
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -11,17 +10,14 @@ import torch
 
 from kwanzaa_adapter.evaluation import load_eval_items
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 BENCH = ROOT / "bench" / "decision.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_decision", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "bench_decision")
 
 
 @pytest.fixture(scope="module")

@@ -5,22 +5,20 @@ No test here trains anything; the benchmark itself is `python bench/throughput.p
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import load_script
+
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "throughput.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH, "bench_throughput")
 
 
 def side(bench, tokens: int, seconds: float, rss: float, loss: float) -> dict:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,18 +12,12 @@ from kwanzaa_adapter.answer import CITATION_MARKER, parse_answer
 from kwanzaa_adapter.data.records import ChatExample, RagRecord, render_record
 from kwanzaa_adapter.metrics import GROUNDING_THRESHOLD, content_words, score_example, split_sentences
 
+from conftest import load_script
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SPLITS = ("train", "eval")
 SOURCE_LABEL = "kwanzaa-adapter reference notes"
-def _load_build_module():
-    spec = importlib.util.spec_from_file_location("build_dataset", DATA_DIR / "build_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-build_dataset = _load_build_module()
+build_dataset = load_script(DATA_DIR / "build_dataset.py", "build_dataset")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
