@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,12 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_generation import load_adapter_model  # noqa: E402
 
 from kwanzaa_adapter.evaluation import EvalItem, load_eval_items  # noqa: E402
-from kwanzaa_adapter.metrics import content_words  # noqa: E402
+from kwanzaa_adapter.metrics import content_words, split_sentences  # noqa: E402
 
 DEFAULT_EVAL_FILE = Path("data/kwanzaa_eval_records.jsonl")
 DEFAULT_REFUSAL_OPENING = "The documents do not"
 TEXT_KEY = '"text":"'
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
 
 def roc_auc(scores: Sequence[float], positives: Sequence[bool]) -> float:
@@ -71,7 +69,7 @@ def lexical_score(question: str, documents) -> float:
     asked = content_words(question)
     if not asked:
         return 0.0
-    sentences = (s for doc in documents for s in SENTENCE_END.split(doc.text))
+    sentences = (s for doc in documents for s in split_sentences(doc.text))
     return max((len(content_words(s) & asked) / len(asked) for s in sentences), default=0.0)
 
 
