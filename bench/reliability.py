@@ -1,20 +1,29 @@
 """Reliability figures: kill-and-resume trials, the hostile-input corpus, and a server flood.
 
-    python bench/reliability.py                 # everything (~10-15 minutes on 2 CPU cores)
+    python bench/reliability.py                 # everything (~12 minutes on 2 busy CPU cores)
     python bench/reliability.py --timers 0      # only the fault-hook kills, no timer kills
 
 1. Crash and resume, on a tiny random 2-layer Llama (4-bit, LoRA dropout 0.1, batch 2 x
    accumulation 2, 6 steps over 2 epochs, checkpoints every 2 steps, 2 kept): one uninterrupted
-   run, then one trial per fault point of tests/reliability/crash.py (mid-step, inside the
-   accumulation window, during checkpoint saves and rotation, during artifact creation and the
-   final verification) and `--timers` trials killed at seeded random times. Each trial is a
+   run, watched to time its training-and-checkpointing window (from the Trainer's start to the
+   last checkpoint's publication), then one trial per fault point of tests/reliability/crash.py
+   (mid-step, inside the accumulation window, during checkpoint saves and rotation, during
+   artifact creation and the final verification) and `--timers` trials killed at seeded random
+   moments of that window, each timed from the killed run's own last milestone before it (the
+   Trainer's start or a checkpoint's publication), so that a faster or slower run is still killed
+   in training rather than after its artifact was published. Each trial is a
    `train` subprocess killed with SIGKILL, a look for partial checkpoints or artifacts, a
-   `train --resume` (or a fresh `train` when no checkpoint was complete), and a byte comparison
-   of adapter_model.safetensors with the uninterrupted run's.
+   `train --resume` (or a fresh `train` when no checkpoint was complete), a check that the resumed
+   process loaded the checkpoint's step, optimizer moments and RNG state, and a byte comparison
+   of adapter_model.safetensors with the uninterrupted run's. Trials are counted by what
+   happened: `resumed` (from a checkpoint, proven loaded), `restarted_from_scratch` (killed
+   before the first checkpoint), `killed_after_publish` (nothing left to resume).
 2. The hostile-input corpus (tests/reliability/corpus.py), one CLI subprocess per case,
-   time-boxed: tracebacks, hangs, and exits other than the expected 1 or 2.
+   time-boxed: tracebacks, hangs, exits other than the expected 1 or 2, and refusals whose
+   message does not give the case's reason.
 3. The server (API key, default limits) over the uninterrupted run's artifact, flooded with the
-   bad requests of tests/reliability/flood.py, then asked a good question.
+   bad requests of tests/reliability/flood.py (authenticated and unauthenticated counted apart),
+   then asked a good question.
 
 Subprocesses run with OMP_NUM_THREADS=1. The last line printed is one JSON object.
 """
@@ -45,6 +54,7 @@ from tests.reliability.crash import (  # noqa: E402
     reference_run,
 )
 
+DEFAULT_TIMERS = 5  # with the 9 fault points that resume from a checkpoint: >= 10 real resumes
 HOSTILE_TIME_BOX_S = 120
 
 
@@ -61,23 +71,25 @@ def tiny_model(directory: Path) -> Path:
 def crash_trials(root: Path, timers: int, seed: int) -> tuple[list[Trial], Path, float]:
     config = write_run_config(root, tiny_model(root / "model"), **KILL_RUN)
     cache = root / "cache"
-    reference, seconds = reference_run(config, root / "reference", cache)
-    print(f"uninterrupted run: {seconds:.1f} s", flush=True)
+    reference = reference_run(config, root / "reference", cache)
+    milestones = reference.milestones()
+    print(f"uninterrupted run: {reference.seconds:.1f} s; training and checkpointing, in seconds from the "
+          f"Trainer's start: {', '.join(f'{name} {seconds:.2f}' for name, seconds in milestones)}", flush=True)
     plan = [(label, point, None) for label, point in FAULT_POINTS]
     rng = random.Random(seed)
-    # Start-up (imports, model load) takes about half the run; the timers fall in the other half.
-    plan += [(f"random moment {i + 1}", None, rng.uniform(0.45, 0.95) * seconds) for i in range(timers)]
+    plan += [(f"random moment {i + 1}", None, rng.uniform(0, milestones[-1][1])) for i in range(timers)]
     trials = []
-    for number, (label, point, delay) in enumerate(plan):
+    for number, (label, point, at) in enumerate(plan):
         for attempt in range(3):  # a timer that fires after the run has ended is tried again, earlier
-            trial = kill_and_resume(label, config, root / f"trial-{number}-{attempt}", cache, reference,
-                                    fault=point, kill_after=delay and delay * 0.6 ** attempt)
+            trial = kill_and_resume(label, config, root / f"trial-{number}-{attempt}", cache, reference.weights,
+                                    fault=point, timer=None if at is None else reference.moment(at * 0.6 ** attempt))
             if trial.killed or point is not None:
                 break
         trials.append(trial)
-        print(f"  {label:<48} {trial.how:<22} from {trial.resumed_from or '-':<13} "
-              f"{'identical' if trial.identical else 'DIFFERENT'} {trial.note[:200]}", flush=True)
-    return trials, config, seconds
+        print(f"  {label:<48} {trial.how:<38} from {trial.resumed_from or '-':<13} "
+              f"{'identical' if trial.identical else 'DIFFERENT'} "
+              f"{'; '.join(trial.resume_problems)[:300]} {trial.note[:200]}", flush=True)
+    return trials, config, reference.seconds
 
 
 def hostile_case(case: HostileCase, env: dict) -> dict:
@@ -86,10 +98,11 @@ def hostile_case(case: HostileCase, env: dict) -> dict:
         done = subprocess.run(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, errors="replace", timeout=HOSTILE_TIME_BOX_S)
     except subprocess.TimeoutExpired:
-        return {"name": case.name, "hang": True, "traceback": False, "exit": None, "expected": case.expected_exit}
+        return {"name": case.name, "hang": True, "traceback": False, "exit": None, "expected": case.expected_exit,
+                "reason_given": False, "output": ""}
     output = done.stdout + done.stderr
     return {"name": case.name, "hang": False, "traceback": "Traceback" in output, "exit": done.returncode,
-            "expected": case.expected_exit}
+            "expected": case.expected_exit, "reason_given": case.gives_reason(output), "output": output}
 
 
 def hostile_inputs(root: Path) -> list[dict]:
@@ -115,7 +128,8 @@ def server_flood(config: Path, artifact: Path):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--timers", type=int, default=3, help="trials killed at random times (default 3)")
+    parser.add_argument("--timers", type=int, default=DEFAULT_TIMERS,
+                        help=f"trials killed at random moments of training (default {DEFAULT_TIMERS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
     args = parser.parse_args()
     started = time.monotonic()
@@ -129,51 +143,81 @@ def main() -> int:
         flooded, alive = server_flood(config, root / "reference" / "tiny" / "final_artifact")
 
     killed = [t for t in trials if t.killed]
+    resumed, restarted, after_publish, unresolved = (
+        [t for t in killed if t.outcome == outcome] for outcome in ("resumed", "restarted", "after_publish", "failed"))
     wrong_exit = [h for h in hostile if not h["hang"] and h["exit"] != h["expected"]]
+    wrong_reason = [h for h in hostile if not h["hang"] and h["exit"] == h["expected"] and not h["reason_given"]]
     figures = {
         "trials": len(killed),
-        "resumed": sum(t.resumed for t in killed),
-        "identical": sum(t.identical for t in killed),
+        "resumed": len(resumed),
+        "identical": sum(t.identical for t in resumed),
+        "restarted_from_scratch": len(restarted),
+        "restarted_identical": sum(t.identical for t in restarted),
+        "killed_after_publish": len(after_publish),
+        "after_publish_identical": sum(t.identical for t in after_publish),
+        "resume_failed_or_unproven": len(unresolved),
+        "not_killed": len(trials) - len(killed),
         "partial_visible": sum(t.partial_visible for t in trials),
         "hostile_inputs": len(hostile),
         "tracebacks": sum(h["traceback"] for h in hostile),
         "hangs": sum(h["hang"] for h in hostile),
-        "server_bad_requests": flooded.sent,
+        "hostile_wrong_exit": len(wrong_exit),
+        "hostile_wrong_reason": len(wrong_reason),
+        "server_bad_requests": flooded.sent(),
+        "server_bad_requests_authenticated": flooded.sent("authenticated"),
+        "server_bad_requests_unauthenticated": flooded.sent("unauthenticated"),
         "server_errors": flooded.server_errors + sum(1 for f in flooded.failures if "no answer" in f),
         "server_alive": alive,
     }
+    authenticated, unauthenticated = flooded.statuses["authenticated"], flooded.statuses["unauthenticated"]
     print()
     print("| measure | value | required |")
     print("| --- | --- | --- |")
     rows = [
-        ("kill trials (SIGKILL, then resume)", figures["trials"], ">= 10"),
-        ("  resumed to a published artifact", figures["resumed"], "all"),
-        ("  adapter byte-identical to the uninterrupted run", figures["identical"], "all"),
+        ("kill trials (SIGKILL)", figures["trials"], ""),
+        ("  resumed from a checkpoint, loading its step, optimizer and RNG", figures["resumed"], ">= 10"),
+        ("    adapter byte-identical to the uninterrupted run", figures["identical"], "all resumed"),
+        ("  killed before the first checkpoint, trained again", figures["restarted_from_scratch"], ""),
+        ("    adapter byte-identical", figures["restarted_identical"], "all restarted"),
+        ("  killed after the artifact was published (nothing resumed)", figures["killed_after_publish"], ""),
+        ("  resume failed, or did not load what the checkpoint holds", figures["resume_failed_or_unproven"], "0"),
         ("  partial checkpoints or artifacts left visible", figures["partial_visible"], "0"),
-        ("  trials the kill did not reach", len(trials) - len(killed), "0"),
+        ("  trials the kill did not reach", figures["not_killed"], "0"),
         ("hostile inputs (CLI subprocesses)", figures["hostile_inputs"], ">= 60"),
         ("  tracebacks", figures["tracebacks"], "0"),
         ("  hangs (over %d s)" % HOSTILE_TIME_BOX_S, figures["hangs"], "0"),
-        ("  exits other than the expected 1 or 2", len(wrong_exit), "0"),
-        ("server bad requests", figures["server_bad_requests"], ">= 200"),
-        ("  answered 4xx", sum(c for s, c in flooded.statuses.items() if 400 <= s < 500), "all"),
-        ("  server errors (5xx or no answer)", figures["server_errors"], "0"),
-        ("  server alive afterwards (good answer)", figures["server_alive"], "true"),
+        ("  exits other than the expected 1 or 2", figures["hostile_wrong_exit"], "0"),
+        ("  refused, but not for the case's reason", figures["hostile_wrong_reason"], "0"),
+        ("server bad requests with the right key", figures["server_bad_requests_authenticated"], ">= 200"),
+        ("  answered 4xx other than 401", sum(c for s, c in authenticated.items() if 400 <= s < 500 and s != 401),
+         "all"),
+        ("server bad requests without it (or a wrong one)", figures["server_bad_requests_unauthenticated"], ""),
+        ("  answered 401 (405: /healthz, open, wrong method)", unauthenticated[401], "all but /healthz"),
+        ("server errors (5xx or no answer)", figures["server_errors"], "0"),
+        ("server alive afterwards (good answer)", figures["server_alive"], "true"),
     ]
     for name, value, required in rows:
         print(f"| {name} | {value} | {required} |")
     for trial in trials:
-        if not (trial.killed and trial.resumed and trial.identical) or trial.partial_visible:
-            print(f"trial {trial.label}: {trial.partial_after_kill + trial.partial_after_resume} {trial.note[:500]}")
+        if not (trial.killed and trial.completed and trial.identical) or trial.resume_problems or trial.partial_visible:
+            print(f"trial {trial.label}: {trial.partial_after_kill + trial.partial_after_resume} "
+                  f"{trial.resume_problems} {trial.note[:500]}")
     for case in wrong_exit:
         print(f"hostile {case['name']}: exit {case['exit']}, expected {case['expected']}")
+    for case in wrong_reason:
+        print(f"hostile {case['name']}: refused, but not for its reason: {case['output'][-300:]!r}")
     for failure in flooded.failures:
         print(f"server: {failure}")
-    print(f"statuses: {dict(sorted(flooded.statuses.items()))}; total {time.monotonic() - started:.0f} s")
+    print(f"statuses with the key: {dict(sorted(authenticated.items()))}, without: "
+          f"{dict(sorted(unauthenticated.items()))}; total {time.monotonic() - started:.0f} s")
     print(json.dumps(figures))
-    ok = (figures["trials"] >= 10 and figures["resumed"] == figures["identical"] == figures["trials"]
-          and figures["partial_visible"] == 0 and figures["tracebacks"] == figures["hangs"] == 0
-          and not wrong_exit and figures["server_errors"] == 0 and alive and not flooded.failures)
+    ok = (figures["resumed"] >= 10 and figures["identical"] == figures["resumed"]
+          and figures["restarted_identical"] == figures["restarted_from_scratch"]
+          and figures["after_publish_identical"] == figures["killed_after_publish"]
+          and figures["resume_failed_or_unproven"] == figures["not_killed"] == figures["partial_visible"] == 0
+          and figures["tracebacks"] == figures["hangs"] == 0 and not wrong_exit and not wrong_reason
+          and figures["server_bad_requests_authenticated"] >= 200 and figures["server_errors"] == 0
+          and alive and not flooded.failures)
     return 0 if ok else 1
 
 

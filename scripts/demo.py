@@ -1,7 +1,13 @@
-"""`make demo`: train the CPU demo adapter end to end, verify it, and print its summary and wall time."""
+"""`make demo`: train the CPU demo adapter end to end, verify it, and print its summary and wall time.
+
+Before training it prints the dry run's plan: the precision this machine resolves, the memory
+estimate and the estimated wall time; at the end the measured time beside that estimate.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import resource
 import shutil
@@ -10,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kwanzaa_adapter.answer import Answer
+from kwanzaa_adapter.cli import configure_logging
 from kwanzaa_adapter.cli import main as cli
 
 
@@ -17,17 +25,44 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def run_cli(command: list[str]) -> tuple[int, str]:
+    """Run a CLI command, echo and return its standard output."""
+    print(f"\n$ kwanzaa-adapter {' '.join(command)}", flush=True)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = cli(command)
+    print(buffer.getvalue(), end="", flush=True)
+    return code, buffer.getvalue()
+
+
+def contract_answer(output: str) -> Answer:
+    """The one answer `generate` printed, checked against the kwanzaa.answer.v1 contract."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    if len(lines) != 1:
+        raise ValueError(f"expected one JSON line from generate, got {len(lines)}")
+    line = json.loads(lines[0])
+    if line.get("answer") is None:
+        raise ValueError(f"generate answered outside the contract: {line.get('error')}")
+    return Answer.model_validate(line["answer"])
+
+
 def backend_check(config: str, artifact: Path) -> int:
-    """The backend path on the new artifact: answer one held-out record; refuse a tampered copy."""
+    """The backend path on the new artifact: answer one held-out record in the contract; refuse a tampered copy."""
     records = Path("data/kwanzaa_eval_records.jsonl").read_text(encoding="utf-8").splitlines()
     held_out = next(line for line in records if not json.loads(line)["expect_refusal"])
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "record.jsonl"
         record.write_text(held_out + "\n", encoding="utf-8")
         command = ["generate", "--config", config, "--adapter", str(artifact), "--input", str(record)]
-        print(f"\n$ kwanzaa-adapter {' '.join(command)}")
-        if cli(command):
+        code, output = run_cli(command)
+        if code:
             return 1
+        try:
+            answer = contract_answer(output)
+        except ValueError as exc:
+            print(f"the backend's answer is not a contract answer: {exc}", file=sys.stderr)
+            return 1
+        print(f"contract answer: {answer.answer.completeness}, cites {sorted(answer.cited_numbers())}")
         tampered = Path(tmp) / "tampered"
         shutil.copytree(artifact, tampered)
         weights = tampered / "adapter_model.safetensors"
@@ -35,22 +70,35 @@ def backend_check(config: str, artifact: Path) -> int:
         data[-1] ^= 0x01
         weights.write_bytes(bytes(data))
         command[4] = str(tampered)
-        print(f"\n$ kwanzaa-adapter {' '.join(command)}   # one byte of the weights flipped")
-        code = cli(command)
+        print("   (one byte of the weights flipped)")
+        code, _ = run_cli(command)
         print(f"exit code {code}")
         return 0 if code == 1 else 1
 
 
+def measured_phases(metadata: dict, wall: float) -> dict[str, float]:
+    """The main job's wall time split as the estimate splits it (from metadata.json's timings)."""
+    t = metadata["timings"]
+    eval_loss = t.get("eval_loss_seconds") or 0.0
+    phases = {"training": (t.get("train_seconds") or 0.0) - eval_loss, "eval-loss passes": eval_loss,
+              "behavioral evaluation": t.get("behavioral_seconds") or 0.0}
+    return {"load, checksums, artifact": wall - sum(phases.values()), **phases}
+
+
 def run(config: str = "configs/demo.yaml") -> int:
+    configure_logging()
+    from kwanzaa_adapter.dryrun import make_plan
     from kwanzaa_adapter.train_adapter import train_adapter
 
+    print(f"$ kwanzaa-adapter train --config {config} --dry-run", flush=True)
+    plan = make_plan(config)
+    print(plan.text, flush=True)
     started = time.perf_counter()
     result = train_adapter(config)
     wall = time.perf_counter() - started
     print(f"\nartifact v{result.version} published at {result.artifact_dir}")
     for step in (["verify", str(result.artifact_dir)], ["info", str(result.artifact_dir)]):
-        print(f"\n$ kwanzaa-adapter {' '.join(step)}")
-        code = cli(step)
+        code, _ = run_cli(step)
         if code:
             return code
     if backend_check(config, result.artifact_dir):
@@ -62,7 +110,14 @@ def run(config: str = "configs/demo.yaml") -> int:
         for label, speed in result.behavior.generation_tokens_per_second().items():
             print(f"generation ({label}): {speed:.1f} tokens/s")
     s = result.summary
-    print(f"\ndemo main job wall time: {wall / 60:.1f} min ({wall:.0f} s); peak RSS {peak_rss_mib():.0f} MiB; "
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    if plan.eta:
+        print("\nwall time by phase, estimated before the run and measured:")
+        for name, seconds in measured_phases(metadata, wall).items():
+            print(f"  {name:<28} {plan.eta.phases.get(name, 0.0):7.0f} s  {seconds:7.0f} s")
+    estimated = f"{plan.eta.total / 60:.1f} min" if plan.eta else "no estimate"
+    print(f"\ndemo main job wall time: {wall / 60:.1f} min ({wall:.0f} s; estimated {estimated}); "
+          f"precision {plan.precision.resolved}; peak RSS {peak_rss_mib():.0f} MiB; "
           f"train tokens/s {s.get('mean_tokens_per_second') or 0:.0f}; final eval loss {s.get('final_eval_loss'):.4f}")
     return 0
 

@@ -109,8 +109,8 @@ def write_run_config(directory: Path, model_dir: Path, name: str = "run.yaml", t
     evaluation = write_subset(ROOT / "data/kwanzaa_eval.jsonl", directory / "eval.jsonl", eval_rows)
     config = {
         "run": {"name": "tiny", "output_dir": str(directory / "outputs"), "seed": 7},
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
+        "model": {"name_or_path": str(model_dir), "precision": "float32"},
+        "quantization": {"load_in_4bit": True},
         "adapter": {"r": 4, "alpha": 8, "dropout": 0.0,
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "data": {"train_file": str(train), "eval_file": str(evaluation), "max_seq_length": 640},

@@ -50,26 +50,42 @@ def test_sequence_lengths_from_mask_packed_positions_or_shape(bench):
     assert bench.sequence_lengths((2, 5)) == [5, 5]
 
 
-def test_summary_has_exactly_the_issue_keys_and_the_ratio(bench):
-    ours, trl = side(bench, 3000, 10.0, 900.0, 1.00), side(bench, 3000, 20.0, 1000.0, 1.01)
-    summary = bench.summarize(ours, trl, peak_flops=1e12, hash_ratio=0.97, batched_gen_ratio=4.2)
+MACHINE = {"cpu_class": "AVX2 (bf16 emulated): test CPU", "precision": "float32"}
+
+
+def results(bench, ours_seconds=(10.0, 11.0, 9.0), trl_seconds=(20.0, 22.0, 18.0), tuned_seconds=(15.0,) * 3,
+            ours_rss=900.0, trl_rss=1000.0, ours_loss=1.00, trl_loss=1.01) -> dict:
+    return {"ours": [side(bench, 3000, t, ours_rss, ours_loss) for t in ours_seconds],
+            "trl": [side(bench, 3000, t, trl_rss, trl_loss) for t in trl_seconds],
+            "trl_tuned": [side(bench, 3000, t, trl_rss, trl_loss) for t in tuned_seconds]}
+
+
+def test_summary_has_exactly_the_issue_keys_medians_spreads_and_ratios(bench):
+    summary = bench.summarize(results(bench), peak_flops=1e12, machine=MACHINE, hash_ratio=0.97,
+                              batched_gen_ratio=4.2)
     assert tuple(summary) == bench.SUMMARY_KEYS
-    assert summary["ratio"] == 2.0
-    assert summary["ours_real_tok_s"] == 300.0 and summary["trl_real_tok_s"] == 150.0
+    assert summary["ours_real_tok_s"] == 300.0 and summary["trl_real_tok_s"] == 150.0  # medians of 3 runs
+    assert summary["trl_tuned_real_tok_s"] == 200.0
+    assert summary["ratio"] == 2.0 and summary["ratio_tuned"] == 1.5
+    assert summary["real_tok_s_spread"]["ours"] == [272.7, 333.3]
+    assert summary["runs"] == 3 and summary["precision"] == "float32" and summary["cpu_class"].startswith("AVX2")
     json.loads(json.dumps(summary))  # one JSON object, serialisable as the last line
     assert all(bench.target_checks(summary).values())
 
 
 def test_target_checks_report_misses_and_unmeasured(bench):
-    ours, trl = side(bench, 3000, 20.0, 1100.0, 1.10), side(bench, 3000, 20.0, 1000.0, 1.00)
-    checks = bench.target_checks(bench.summarize(ours, trl, 1e12, None, None))
-    assert [v for k, v in checks.items() if "ratio >=" in k and "hash" not in k] == [False]
-    assert checks["peak RSS ours <= TRL"] is False
+    summary = bench.summarize(results(bench, ours_seconds=(20.0,) * 3, ours_rss=1100.0, ours_loss=1.10),
+                              1e12, MACHINE, None, None)
+    checks = bench.target_checks(summary)
+    assert checks["real tokens/s ratio to TRL >= 1.5"] is False
+    assert checks["peak RSS ours <= TRL"] is False and checks["peak RSS ours <= TRL tuned"] is False
     assert [v for k, v in checks.items() if "hash" in k] == [None]
 
 
-def test_table_lists_both_sides_and_the_ratio(bench):
-    table = bench.format_table(side(bench, 3000, 10.0, 900.0, 1.0), side(bench, 3000, 20.0, 1000.0, 1.0), 1e12)
-    line = next(row for row in table.splitlines() if row.startswith("real tokens/s"))
-    assert [cell.strip() for cell in line.split("|")] == ["real tokens/s", "300.0", "150.0", "2.00x"]
-    assert "peak RSS, MB" in table and "MFU" in table
+def test_table_lists_every_side_the_ratios_and_the_spread(bench):
+    table = bench.format_table(results(bench), 1e12)
+    line = next(row for row in table.splitlines() if row.startswith("real tokens/s "))
+    assert [cell.strip() for cell in line.split("|")] == ["real tokens/s", "300.0", "150.0", "200.0", "2.00x", "1.50x"]
+    spread = next(row for row in table.splitlines() if row.startswith("real tokens/s min-max"))
+    assert "272.7-333.3" in spread
+    assert "peak RSS, MB" in table and "MFU" in table and "TRL tuned" in table

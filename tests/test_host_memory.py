@@ -64,3 +64,20 @@ def test_release_runs_after_every_optimizer_step(tiny_run_config):
     finally:
         trainer.release_free_heap = original
     assert len(calls) == 4  # max_steps of the tiny config
+
+
+def test_release_that_cannot_act_warns_and_is_recorded(tiny_run_config, monkeypatch, caplog):
+    """Without glibc's malloc_trim the setting does nothing: the run says so and metadata.json records it."""
+    import json
+    import logging
+
+    from kwanzaa_adapter import trainer
+    from kwanzaa_adapter.train_adapter import train_adapter
+
+    monkeypatch.setattr(trainer, "can_release_free_heap", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="kwanzaa_adapter.trainer"):
+        result = train_adapter(tiny_run_config(training={"release_host_memory": True}))
+    warned = [r.getMessage() for r in caplog.records if "release_host_memory" in r.getMessage()]
+    assert len(warned) == 1 and "malloc_trim" in warned[0]
+    notes = json.loads((result.artifact_dir / "metadata.json").read_text())["notes"]
+    assert warned == [n for n in notes if "release_host_memory" in n]

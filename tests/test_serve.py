@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
@@ -174,20 +175,36 @@ def test_api_key_guards_every_route_but_healthz(keyed):
     assert response.status_code == 200
 
 
-def test_concurrent_requests_are_served_one_generation_at_a_time(server, model):
+def test_concurrent_requests_are_served_one_generation_at_a_time(server, model, monkeypatch):
+    generate, guard = model.model.generate, threading.Lock()
+    count = {"calls": 0, "in_flight": 0, "most": 0}
+
+    def counted(*args, **kwargs):  # the model's generation, counting how many run at once
+        with guard:
+            count["calls"] += 1
+            count["in_flight"] += 1
+            count["most"] = max(count["most"], count["in_flight"])
+        try:
+            time.sleep(0.2)  # long enough for another request's generation to overlap, were it let in
+            return generate(*args, **kwargs)
+        finally:
+            with guard:
+                count["in_flight"] -= 1
+
+    monkeypatch.setattr(model.model, "generate", counted)
     payload = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
-    results = []
+    together = threading.Barrier(3)
 
-    def ask():  # a client per thread
+    def ask(_):  # a client per thread, all sending at once
         with httpx.Client(base_url=server.base_url, timeout=120) as client:
-            results.append(client.post("/v1/chat/completions", json=payload).json())
+            together.wait(timeout=60)
+            return client.post("/v1/chat/completions", json=payload)
 
-    threads = [threading.Thread(target=ask) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert len({r["choices"][0]["message"]["content"] for r in results}) == 1
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        responses = list(pool.map(ask, range(3)))  # a thread's exception is raised here
+    assert [response.status_code for response in responses] == [200, 200, 200]
+    assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) == 1  # greedy: one reply
+    assert count["calls"] == 3 and count["most"] == 1
     assert not model.lock.locked()
 
 

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import build_tiny_model
 from kwanzaa_adapter.data import tokenization
 from kwanzaa_adapter.data.collation import PackedCollator, PaddedCollator, padding_share, plan_batches
+from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
 from kwanzaa_adapter.data.tokenization import (
     IGNORE_INDEX,
     TemplateError,
     TokenizedExample,
+    read_cache,
     tokenize_conversation,
     tokenize_dataset,
     tokenize_file,
     tokenizer_digest,
 )
-from kwanzaa_adapter.data.validation import Conversation, DataError
+from kwanzaa_adapter.data.validation import Conversation, DataError, load_examples
+from tiny_artifact import flip_last_byte
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},
@@ -116,6 +122,34 @@ def test_cache_is_reused_and_keyed_by_everything_that_changes_tokens(tmp_path, t
     _write_data(tmp_path, count=4)
     tokenize_file(data, tokenizer, 128, cache_dir=cache)
     assert len(list(cache.iterdir())) == 4
+
+
+def edit_an_id(path):
+    """Re-saved with one token id changed and the original metadata (its digest included) kept."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors["input_ids"][5] += 1
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+# The last byte of a cache file is the last example's `truncated` flag: flipped, False reads as True.
+@pytest.mark.parametrize("damage", [flip_last_byte, edit_an_id, cut_short], ids=lambda f: f.__name__)
+def test_damaged_cache_is_detected_and_rebuilt_as_a_fresh_tokenization(tmp_path, tokenizer, caplog, damage):
+    data, cache = _write_data(tmp_path), tmp_path / "cache"
+    fresh = tokenize_dataset(load_examples(data, DEFAULT_SYSTEM_PROMPT), tokenizer, 128)
+    assert tokenize_file(data, tokenizer, 128, cache_dir=cache) == fresh
+    [cache_file] = cache.iterdir()
+    damage(cache_file)
+    with caplog.at_level(logging.WARNING, logger=tokenization.__name__):
+        assert tokenize_file(data, tokenizer, 128, cache_dir=cache) == fresh
+    assert f"rebuilding the tokenization cache {cache_file}: " in caplog.text
+    assert [p.name for p in cache.iterdir()] == [cache_file.name]  # rewritten in place, no leftovers
+    assert read_cache(cache_file) == fresh  # and it verifies again
 
 
 def test_tokenizer_digest_changes_with_the_chat_template(tokenizer):

@@ -88,7 +88,7 @@ def test_base_weights_unchanged_after_training(trained, tiny_model_dir):
     config_path, result, model = trained
     baseline = json.loads((result.run_dir / "baseline_checksums.json").read_text())
     assert compute_model_state_checksum(model)["model_digest"] == baseline["model_digest"]
-    fresh, _, _ = load_base_model(load_training_config(config_path), "cpu")
+    fresh, _, _ = load_base_model(load_training_config(config_path), "cpu", "float32")
     assert compute_model_state_checksum(fresh)["model_digest"] == baseline["model_digest"]
 
 
@@ -96,7 +96,7 @@ def test_adapter_loads_with_plain_peft_and_gives_the_in_memory_logits(trained):
     from peft import PeftModel
 
     config_path, result, model = trained
-    base, tokenizer, _ = load_base_model(load_training_config(config_path), "cpu")
+    base, tokenizer, _ = load_base_model(load_training_config(config_path), "cpu", "float32")
     loaded = PeftModel.from_pretrained(base, str(result.artifact_dir)).eval()
     ids = tokenizer("Kwanzaa runs from December 26 to January 1.", return_tensors="pt")["input_ids"]
     model.eval()
@@ -310,3 +310,25 @@ def test_recomputation_chosen_by_auto_trains_the_same_adapter(trained, tmp_path,
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_padding_share_is_measured_on_the_batches_the_trainer_draws(tmp_path, tiny_model_dir, monkeypatch):
+    """Length-grouped batches: the share reported is the one of the micro-batches actually trained on."""
+    from transformers import Trainer
+
+    from kwanzaa_adapter.data.collation import padding_share
+
+    drawn, step = [], Trainer.training_step
+
+    def recording(self, model, inputs, *args, **kwargs):
+        drawn.append({k: inputs[k].clone() for k in ("input_ids", "attention_mask")})
+        return step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", recording)
+    config = write_run_config(tmp_path, tiny_model_dir, data={"batching": "length_grouped"})
+    result = train_adapter(config)
+    assert len(drawn) == 4 and result.summary["padding_share"] == pytest.approx(padding_share(drawn))
+    assert result.summary["padding_share"] > 0  # two rows of different lengths per micro-batch
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    assert metadata["final_metrics"]["padding_share"] == result.summary["padding_share"]
+    assert "padding_share" not in metadata["datasets"]["train"]  # no longer guessed from a sorted order

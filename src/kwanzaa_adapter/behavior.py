@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ COMPARISON_PLOT = "behavior_comparison.png"
 class BehaviorReport:
     base: EvalRun
     adapter: EvalRun | None
+    seconds: float = 0.0  # both generation passes and their scoring
 
     def as_json(self) -> dict:
         if self.adapter is None:
@@ -53,11 +55,12 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
                             max_examples=config.evaluation.max_examples)
     options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size)
     log.info("behavioral evaluation on %d examples", len(items))
+    started = time.perf_counter()
     if with_adapter:
         base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options)
     else:
         base, adapter = evaluate(model, tokenizer, items, label="base", **options), None
-    report = BehaviorReport(base, adapter)
+    report = BehaviorReport(base, adapter, time.perf_counter() - started)
     log.info("behavioral metrics:\n%s", report.table())
     return report
 

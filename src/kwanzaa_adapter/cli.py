@@ -42,7 +42,7 @@ def _verification_errors() -> tuple[type[Exception], ...]:
 
 def cmd_train(args) -> int:
     if args.dry_run:
-        from kwanzaa_adapter.planning import plan_run
+        from kwanzaa_adapter.dryrun import plan_run
 
         print(plan_run(args.config, tuple(args.set), args.output_dir))
         return EXIT_OK
@@ -65,16 +65,13 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from kwanzaa_adapter.behavior import measure_behavior, save_eval_output
-    from kwanzaa_adapter.config import load_training_config
-    from kwanzaa_adapter.modeling import load_base_model, load_verified_adapter, resolve_device
 
-    config = load_training_config(args.config, tuple(args.set))
     if args.data and not Path(args.data).is_file():
         raise FileNotFoundError(args.data)
-    model, tokenizer, _ = load_base_model(config, resolve_device(config.training.device))
-    if args.adapter:
-        model = load_verified_adapter(model, args.adapter)
-    report = measure_behavior(config, model, tokenizer, args.data, with_adapter=bool(args.adapter))
+    # The backend's path: the adapter verified, and loaded only onto the base model it was trained on.
+    served, _ = _load_model(args)
+    report = measure_behavior(served.config, served.model, served.tokenizer, args.data,
+                              with_adapter=bool(args.adapter))
     print(report.table())
     for label, speed in report.generation_tokens_per_second().items():
         print(f"generation {label}: {speed:.1f} tokens/s")
@@ -152,10 +149,26 @@ def cmd_registry_pull(args) -> int:
 
 
 def cmd_prepare_model(args) -> int:
-    from kwanzaa_adapter.modeling import download_hub_model, materialize, resolve_model_reference
+    from transformers import AutoConfig
+
+    from kwanzaa_adapter.modeling import (
+        cache_root,
+        download_hub_model,
+        materialize,
+        resolve_device,
+        resolve_model_reference,
+    )
+    from kwanzaa_adapter.planning import architecture_from_hf_config
+    from kwanzaa_adapter.precision import probe_shape, resolve_precision
 
     source = resolve_model_reference(args.reference)
-    print(download_hub_model(source) if source.kind == "hub" else materialize(source))
+    location = download_hub_model(source) if source.kind == "hub" else materialize(source)
+    print(location)
+    # The probe `precision: auto` takes for this model, measured now and cached for training and serving.
+    arch = architecture_from_hf_config(AutoConfig.from_pretrained(location))
+    decision = resolve_precision("auto", resolve_device("auto"), probe_shape(arch.hidden_size, arch.intermediate_size),
+                                 cache_dir=cache_root() / "precision")
+    print(f"on this machine: {decision.describe()}")
     return EXIT_OK
 
 
@@ -201,7 +214,13 @@ def cmd_chat(args) -> int:
 
 def cmd_serve(args) -> int:
     from kwanzaa_adapter.serving import (
-        LOOPBACK_HOSTS, SERVE_EXTRA_MISSING, ServeLimits, api_key_from_environment, serve, serve_extra_installed)
+        LOOPBACK_HOSTS,
+        SERVE_EXTRA_MISSING,
+        ServeLimits,
+        api_key_from_environment,
+        serve,
+        serve_extra_installed,
+    )
 
     if not serve_extra_installed():
         print(f"error: {SERVE_EXTRA_MISSING}", file=sys.stderr)
@@ -226,7 +245,7 @@ def cmd_export(args) -> int:
 
         config = load_training_config(args.config, tuple(args.set))
     result = export_merged(args.adapter, args.merge, config, tolerance=args.tolerance,
-                           allow_base_mismatch=args.allow_base_mismatch)
+                           as_trained_tolerance=args.as_trained_tolerance, allow_base_mismatch=args.allow_base_mismatch)
     print(result.check.summary())
     print(f"merged model: {result.directory}")
     return EXIT_OK
@@ -249,11 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="behavioral metrics of the base model and of base+adapter, side by side")
-    p.add_argument("--config", required=True, help="run configuration YAML (base model, prompt, limits)")
-    p.add_argument("--adapter", help="artifact directory (verified before it is loaded)")
+    _model_arguments(p)
     p.add_argument("--data", help="eval JSONL (RAG records, or chat form with meta.documents); default data.eval_file")
     p.add_argument("--output", help="write the metrics JSON here, eval_predictions.jsonl beside it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("verify", help="check an artifact's completeness and integrity")
@@ -324,19 +341,29 @@ def _add_backend_parsers(sub) -> None:
                        help=f"limit on {help_text} (default %(default)s)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="merge the adapter into its de-quantized base; check logits")
+    p = sub.add_parser("export", help="merge the adapter into its de-quantized base; check logits against the "
+                                      "model as trained and the de-quantized base + adapter")
     _model_arguments(p, adapter_required=True)
     p.add_argument("--merge", required=True, metavar="OUT", help="new directory for the merged model")
-    p.add_argument("--tolerance", type=float, default=None, help="max |logit difference| allowed (default 1e-3)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="max |logit difference| from the de-quantized base + adapter (default 1e-3)")
+    p.add_argument("--as-trained-tolerance", type=float, default=None,
+                   help="max |logit difference| from the model as trained, 4-bit base + adapter (default: 6 x "
+                        "the trained precision's epsilon x the largest |logit|, at least 1e-3)")
     p.set_defaults(func=cmd_export)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    """Timestamped log lines on stderr, as every command prints them."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # bitsandbytes announces an optional CPU kernel package that must be fetched from the hub.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    # bitsandbytes announces an optional CPU kernel package that must be fetched from the hub.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    configure_logging(args.verbose)
     try:
         return args.func(args)
     except _bad_input_errors() as exc:

@@ -20,6 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
 
 PROFILE_KEYS = ("adapter_profile", "model_profile")
+# Keys of earlier versions and what took their place, named in the "unknown key" error.
+REPLACED_KEYS = {
+    "model.dtype": "model.precision",
+    "quantization.compute_dtype": "model.precision",
+    "training.bf16": "model.precision",
+}
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
 
 
@@ -70,8 +76,10 @@ class ModelConfig(_Section):
     name_or_path: str = Field(min_length=1, description="Hub id, local directory, .gguf file or packaged model name.")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(default=False, description="Run model code from the hub; off unless needed.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        default="bfloat16", description="Dtype of the weights that are not quantized.")
+    precision: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="Dtype of the unquantized weights, the 4-bit compute and autocast. auto: bf16 "
+                                    "on GPUs that support it (else fp16); on the CPU bf16 only where a probe of the "
+                                    "model's products shows it clearly faster than fp32, else fp32.")
     attn_implementation: Literal["sdpa", "eager"] = Field(default="sdpa", description="Attention kernel.")
     architecture: ArchitectureConfig | None = Field(default=None, description="Declared shape for planning.")
 
@@ -80,14 +88,12 @@ class QuantizationConfig(_Section):
     load_in_4bit: bool = Field(default=True, description="QLoRA: load the base in 4 bits (bitsandbytes).")
     quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
     double_quant: bool = Field(default=True, description="Quantize the quantization constants too.")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        default="bfloat16", description="Dtype of the de-quantized matmuls.")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         default="uint8", description="Container dtype of the packed 4-bit weights; FSDP and ZeRO-3 shard them "
-                                     "only when it equals the compute dtype.")
+                                     "only when it equals the resolved model.precision.")
     upcast_unquantized: bool = Field(
         default=True, description="k-bit preparation casts the unquantized weights (embeddings, norms) to fp32, "
-                                  "as PEFT does; false keeps them in model.dtype (bf16: about a third less "
+                                  "as PEFT does; false keeps them in model.precision (bf16: about a third less "
                                   "activation memory, the residual stream stays bf16).")
 
 
@@ -98,6 +104,10 @@ class AdapterConfig(_Section):
     dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(min_length=1, description="Module names that get LoRA.")
     bias: Literal["none", "all", "lora_only"] = Field(default="none", description="Which biases train.")
+    top_layers: int | None = Field(
+        default=None, gt=0, le=100_000,
+        description="LoRA on the last N decoder blocks only (PEFT layers_to_transform); null: every block. The "
+                    "backward pass stops at the lowest adapted block, so fewer blocks train faster.")
 
 
 class DataConfig(_Section):
@@ -126,7 +136,6 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool | Literal["auto"] = Field(
         default=True, description="Recompute activations to save memory; auto: on when the run's memory "
                                   "estimate without it exceeds half of the device's free memory.")
-    bf16: bool = Field(default=False, description="bf16 autocast (CUDA, or CPUs with AVX512-BF16).")
     logging_steps: int = Field(default=10, gt=0, le=10**9, description="Optimizer steps between log lines.")
     release_host_memory: bool = Field(
         default=False, description="Return the heap's free pages to the OS after every optimizer step (glibc "
@@ -325,7 +334,7 @@ def _format_errors(exc: ValidationError, origins: Origins) -> list[str]:
         key = ".".join(loc)
         source = next((origins[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in origins), None)
         if error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + (f" (replaced by {REPLACED_KEYS[key]})" if key in REPLACED_KEYS else "")
         elif error["type"] == "missing":
             message = "required key is missing"
         else:

@@ -29,6 +29,11 @@ def _malloc_trim():
     return trim
 
 
+def can_release_free_heap() -> bool:
+    """Whether `release_free_heap` can act here (glibc); elsewhere it does nothing."""
+    return _malloc_trim() is not None
+
+
 def release_free_heap() -> bool:
     """Return the heap's free pages to the OS (glibc `malloc_trim(0)`); False where there is no glibc."""
     trim = _malloc_trim()

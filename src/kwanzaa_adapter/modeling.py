@@ -21,7 +21,9 @@ from typing import Literal
 
 import torch
 
-from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.config import ArchitectureConfig, KwanzaaConfig
+from kwanzaa_adapter.planning import architecture_from_hf_config, gradient_checkpointing_on
+from kwanzaa_adapter.precision import PrecisionDecision, probe_shape, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,39 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def quantization_config(config: KwanzaaConfig):
+def resolve_architecture(config: KwanzaaConfig, source: ModelSource) -> tuple[ArchitectureConfig, str]:
+    """The declared shape when the profile has one, else the model's own config (never its weights)."""
+    if config.model.architecture is not None:
+        return config.model.architecture, "declared in the model profile"
+    from transformers import AutoConfig
+
+    kwargs = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code}
+    if source.kind in ("packaged", "gguf"):
+        location, kwargs["gguf_file"] = source.path.parent, source.path.name
+    else:
+        location = source.path or source.reference
+    try:
+        return architecture_from_hf_config(AutoConfig.from_pretrained(location, **kwargs)), "read from its config"
+    except OSError as exc:
+        raise ModelReferenceError(
+            f"cannot read the config of '{config.model.name_or_path}' ({str(exc).splitlines()[0]}); "
+            "declare model.architecture in the model profile to plan without it"
+        ) from None
+
+
+def run_precision(config: KwanzaaConfig, device: str, arch: ArchitectureConfig | None = None) -> PrecisionDecision:
+    """`model.precision` resolved on `device` for this model's shapes (the CPU probe cached per machine)."""
+    if arch is None:
+        arch, _ = resolve_architecture(config, resolve_model_reference(config.model.name_or_path,
+                                                                       config.model.revision))
+    decision = resolve_precision(config.model.precision, device, probe_shape(arch.hidden_size, arch.intermediate_size),
+                                 cache_dir=cache_root() / "precision")
+    log.info(decision.describe())
+    return decision
+
+
+def quantization_config(config: KwanzaaConfig, precision: str):
+    """bitsandbytes' 4-bit settings, computing in `precision` (the resolved model.precision)."""
     from transformers import BitsAndBytesConfig
 
     q = config.quantization
@@ -216,7 +250,7 @@ def quantization_config(config: KwanzaaConfig):
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        bnb_4bit_compute_dtype=getattr(torch, precision),
         bnb_4bit_quant_storage=getattr(torch, q.quant_storage),
     )
 
@@ -234,8 +268,12 @@ def load_tokenizer(location: str, config: KwanzaaConfig):
     return tokenizer
 
 
-def load_base_model(config: KwanzaaConfig, device: str):
-    """The base model and its tokenizer, 4-bit where the config says so; frozen, on `device`."""
+def load_base_model(config: KwanzaaConfig, device: str, precision: str):
+    """The base model and its tokenizer, 4-bit where the config says so; frozen, on `device`.
+
+    `precision` is the resolved model.precision (`run_precision`): the dtype of the unquantized
+    weights and of the 4-bit compute.
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_reference(config.model.name_or_path, config.model.revision)
@@ -246,9 +284,9 @@ def load_base_model(config: KwanzaaConfig, device: str):
             location,
             revision=config.model.revision,
             trust_remote_code=config.model.trust_remote_code,
-            dtype=getattr(torch, config.model.dtype),
+            dtype=getattr(torch, precision),
             attn_implementation=config.model.attn_implementation,
-            quantization_config=quantization_config(config),
+            quantization_config=quantization_config(config, precision),
             device_map={"": device},
         )
     except OSError as exc:
@@ -266,6 +304,29 @@ def load_base_model(config: KwanzaaConfig, device: str):
     return model, tokenizer, source
 
 
+def set_compute_precision(model, dtype: torch.dtype) -> int:
+    """Compute in `dtype` from now on: the 4-bit layers' compute dtype and every unquantized floating
+    parameter (embeddings, norms; LoRA weights keep theirs). The packed 4-bit data and its
+    quantization state are untouched. Returns the number of parameters cast.
+
+    The backend verifies a base model in the precision its adapter was trained in (the digest
+    covers the unquantized weights in that dtype), then computes in the precision this machine
+    runs fast: bf16 -> fp32 is exact, so nothing of the verified model is lost that way.
+    """
+    cast = 0
+    for name, module in model.named_modules():
+        if hasattr(module, "compute_dtype") and hasattr(module, "weight") and \
+                type(module.weight).__name__ == "Params4bit":
+            module.compute_dtype = dtype
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if type(parameter).__name__ == "Params4bit" or "lora_" in name or not parameter.is_floating_point():
+                continue
+            if parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+                cast += 1
+    return cast
+
+
 def keep_4bit_layout_fixed(model) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
@@ -280,18 +341,31 @@ def keep_4bit_layout_fixed(model) -> int:
     return len(layers)
 
 
-def lora_config(config: KwanzaaConfig):
+def lora_config(config: KwanzaaConfig, num_layers: int | None = None):
+    """PEFT's LoraConfig; `num_layers` (the model's block count) is needed when `adapter.top_layers` is set."""
     from peft import LoraConfig
 
     a = config.adapter
+    layers = None
+    if a.top_layers is not None:
+        if num_layers is None or a.top_layers > num_layers:
+            raise ModelReferenceError(f"adapter.top_layers: {a.top_layers} is more than the {num_layers} decoder "
+                                      f"blocks of {config.model.name_or_path}")
+        layers = list(range(num_layers - a.top_layers, num_layers))
     return LoraConfig(
         r=a.r,
         lora_alpha=a.alpha,
         lora_dropout=a.dropout,
         target_modules=list(a.target_modules),
         bias=a.bias,
+        layers_to_transform=layers,
         task_type="CAUSAL_LM",
     )
+
+
+def decoder_block_count(model) -> int:
+    config = model.config
+    return getattr(config, "get_text_config", lambda: config)().num_hidden_layers
 
 
 def prepare_quantized_base(model, config: KwanzaaConfig, gradient_checkpointing: bool):
@@ -317,9 +391,8 @@ def prepare_quantized_base(model, config: KwanzaaConfig, gradient_checkpointing:
 
 def gradient_checkpointing_for(model, config: KwanzaaConfig) -> bool:
     """`training.gradient_checkpointing` resolved for this model on its device (auto: by free memory)."""
-    from kwanzaa_adapter.planning import architecture_from_hf_config, gradient_checkpointing_on
-
-    return gradient_checkpointing_on(config, architecture_from_hf_config(model.config), model.device.type)
+    precision = str(model.dtype).removeprefix("torch.")
+    return gradient_checkpointing_on(config, architecture_from_hf_config(model.config), model.device.type, precision)
 
 
 def add_adapter(model, config: KwanzaaConfig, gradient_checkpointing: bool | None = None):
@@ -341,7 +414,7 @@ def add_adapter(model, config: KwanzaaConfig, gradient_checkpointing: bool | Non
             f"adapter.target_modules: {missing} not found in {config.model.name_or_path}; "
             f"its linear layers are {sorted(linear_module_names(model))}"
         )
-    return get_peft_model(model, lora_config(config))
+    return get_peft_model(model, lora_config(config, decoder_block_count(model)))
 
 
 def linear_module_names(model) -> set[str]:

@@ -39,11 +39,25 @@ def library_versions() -> dict:
     return versions
 
 
-def git_commit() -> str | None:
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def git_commit(package_dir: Path = PACKAGE_DIR) -> str | None:
+    """The commit of the package's own source ("-dirty" when it has uncommitted changes), or None.
+
+    Asked of the package's directory, not of the working directory: a run started from another
+    repository must not record that one. A package installed from a wheel is in no repository; one
+    whose files the enclosing repository does not track (a virtual environment inside a project)
+    is not that repository's either.
+    """
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(package_dir), *args], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        git("ls-files", "--error-unmatch", "__init__.py")  # tracked here, or CalledProcessError
+        dirty = git("status", "--porcelain", "--", ".")
+        return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -78,11 +92,14 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         "git_commit": git_commit(),
         "hardware": hardware(bundle.device),
         "timings": {"total_seconds": round(time.time() - started, 1),
-                    "train_seconds": outcome.train_metrics.get("train_runtime")},
+                    "train_seconds": outcome.train_metrics.get("train_runtime"),  # eval-loss passes included
+                    "eval_loss_seconds": outcome.summary.get("eval_seconds"),
+                    "behavioral_seconds": (behavioral or {}).get("seconds")},
         "parameters": {**{k: bundle.parameters[k] for k in ("trainable", "total", "percent")},
                        "trainable_tensors": len(bundle.parameters["trainable_names"])},
         "optimizer": outcome.optimizer,
         "gradient_checkpointing": bundle.gradient_checkpointing,  # as resolved on this device
+        "precision": bundle.precision.as_json(),  # model.precision as resolved, with the CPU probe
         "notes": outcome.notes,
         "final_metrics": final_metrics(outcome, behavioral),
     }
@@ -96,6 +113,7 @@ def final_metrics(outcome, behavioral=None) -> dict:
         "perplexity": s.get("final_perplexity"),
         "best_eval_loss": s.get("best_eval_loss"),
         "mean_tokens_per_second": s.get("mean_tokens_per_second"),
+        "padding_share": s.get("padding_share"),  # of the micro-batches trained on
         "steps": s.get("steps"),
     }
     if behavioral:
@@ -120,7 +138,10 @@ def generate_adapter_readme(config, metadata: dict, with_comparison: bool) -> st
             rows.append(f"| {name} | {_fmt(behavioral['base'].get(name))} | {_fmt(behavioral['adapter'][name])} |")
     rows += [f"| eval loss | | {_fmt(m['eval_loss'])} |", f"| perplexity | | {_fmt(m['perplexity'])} |"]
     q = config.quantization
-    quant = f"4-bit {q.quant_type}, double quant {q.double_quant}, compute {q.compute_dtype}" if q.load_in_4bit else "none"
+    precision = metadata["precision"]["resolved"]
+    top = config.adapter.top_layers
+    layers = f", the last {top} blocks only" if top else ""
+    quant = f"4-bit {q.quant_type}, double quant {q.double_quant}, compute {precision}" if q.load_in_4bit else "none"
     t = config.training
     return f"""---
 base_model: {base}
@@ -163,7 +184,8 @@ tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
 | --- | --- |
 | base model | `{base}` (digest `{metadata['base_model']['model_digest'][:16]}`) |
 | quantization | {quant} |
-| adapter | LoRA r={config.adapter.r}, alpha={config.adapter.alpha}, dropout={config.adapter.dropout}, targets {', '.join(config.adapter.target_modules)} |
+| precision | {precision} ({metadata['precision']['setting']}: {metadata['precision']['reason']}) |
+| adapter | LoRA r={config.adapter.r}, alpha={config.adapter.alpha}, dropout={config.adapter.dropout}, targets {', '.join(config.adapter.target_modules)}{layers} |
 | trainable parameters | {metadata['parameters']['trainable']:,} of {metadata['parameters']['total']:,} |
 | data | {', '.join(f"{k}: {v['rows']} rows" for k, v in metadata['datasets'].items())} |
 | batch | {t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation, {config.data.batching}, max {config.data.max_seq_length} tokens |
@@ -199,6 +221,7 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
     behavioral = behavior.as_json() if behavior else None
     if behavioral:
         behavioral["generation_tokens_per_second"] = behavior.generation_tokens_per_second()
+        behavioral["seconds"] = round(behavior.seconds, 1)
     model.peft_config["default"].base_model_name_or_path = config.model.name_or_path
     model.save_pretrained(run.adapter_path, safe_serialization=True)
     metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral)

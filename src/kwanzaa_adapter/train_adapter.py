@@ -23,13 +23,13 @@ from kwanzaa_adapter.artifacts import verify_artifact
 from kwanzaa_adapter.behavior import BehaviorReport, measure_behavior
 from kwanzaa_adapter.checkpointing import RunIdentity
 from kwanzaa_adapter.config import KwanzaaConfig, load_training_config
-from kwanzaa_adapter.data.collation import make_collator, padding_share
 from kwanzaa_adapter.data.tokenization import tokenize_file
 from kwanzaa_adapter.data.validation import load_examples
 from kwanzaa_adapter.distributed import Ranks, open_shared_run_directory, process_ranks
 from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
 from kwanzaa_adapter.faults import fault_point
 from kwanzaa_adapter.monitoring import RunMonitor, check_backends
+from kwanzaa_adapter.precision import PrecisionDecision
 from kwanzaa_adapter.publishing import save_adapter_artifact
 from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError
 from kwanzaa_adapter.trainer import TrainingOutcome, run_trainer
@@ -63,6 +63,7 @@ class ModelBundle:
     parameters: dict
     dtype_changes: list = field(default_factory=list)
     gradient_checkpointing: bool = False  # training.gradient_checkpointing, resolved on this device
+    precision: PrecisionDecision | None = None  # model.precision, resolved on this device
 
 
 @dataclass
@@ -118,10 +119,11 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
 
 
 def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
-    """Step 2: base model (4-bit where configured), LoRA, and the freeze check."""
+    """Step 2: precision (measured on the CPU), base model (4-bit where configured), LoRA, the freeze check."""
+    precision = modeling.run_precision(config, device)
     # Seeded before LoRA's random initialisation, not only when the Trainer starts.
     (enable_full_determinism if config.run.deterministic else set_seed)(config.run.seed)
-    model, tokenizer, source = modeling.load_base_model(config, device)
+    model, tokenizer, source = modeling.load_base_model(config, device, precision.resolved)
     checkpointing = modeling.gradient_checkpointing_for(model, config)
     if config.training.gradient_checkpointing == "auto":
         log.info("gradient checkpointing (auto): %s on %s", "on" if checkpointing else "off", device)
@@ -134,7 +136,7 @@ def initialize_model(config: KwanzaaConfig, device: str) -> ModelBundle:
              parameters["percent"])
     for change in changes:
         log.info("k-bit preparation changed dtype: %s", change)
-    return ModelBundle(model, tokenizer, source, device, parameters, changes, checkpointing)
+    return ModelBundle(model, tokenizer, source, device, parameters, changes, checkpointing, precision)
 
 
 def save_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool, ranks: Ranks = Ranks()) -> dict:
@@ -166,7 +168,10 @@ def _main_baseline(bundle: ModelBundle, run: RunDirectory, resume: bool) -> dict
 
 
 def load_datasets(config: KwanzaaConfig, bundle: ModelBundle, ranks: Ranks = Ranks()) -> Datasets:
-    """Step 4: render, tokenize (labels on assistant tokens), report truncation."""
+    """Step 4: render, tokenize (labels on assistant tokens), report truncation.
+
+    The padding share is measured in step 5, on the batches the Trainer actually draws.
+    """
     splits, reports = {}, {}
     for split, path in (("train", config.data.train_file), ("eval", config.data.eval_file)):
         with ranks.main_first():  # the main process fills the tokenization cache, the others read it
@@ -174,18 +179,9 @@ def load_datasets(config: KwanzaaConfig, bundle: ModelBundle, ranks: Ranks = Ran
                                              system_prompt=config.data.system_prompt,
                                              cache_dir=modeling.cache_root() / "tokenized")
         splits[split] = [example.as_features() for example in examples]
-        reports[split] = {"file": str(path), **dataclasses.asdict(report),
-                          "padding_share": batching_padding_share(config, bundle.tokenizer, splits[split])}
+        reports[split] = {"file": str(path), **dataclasses.asdict(report)}
         log.info("%s data: %s", split, reports[split])
     return Datasets(splits["train"], splits["eval"], reports)
-
-
-def batching_padding_share(config: KwanzaaConfig, tokenizer, features: list[dict]) -> float:
-    """Share of computed tokens that are padding under `data.batching` (length-grouped: sorted order)."""
-    if config.data.batching == "length_grouped":
-        features = sorted(features, key=lambda f: len(f["input_ids"]))
-    collate, size = make_collator(config.data.batching, tokenizer), config.training.per_device_batch_size
-    return padding_share(collate(features[i:i + size]) for i in range(0, len(features), size))
 
 
 def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirectory, baseline: dict,

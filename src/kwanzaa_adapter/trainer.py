@@ -7,6 +7,7 @@ each checkpoint complete or absent (`KwanzaaTrainer._save_checkpoint`, see check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_callback import ExportableState
+from transformers.trainer_callback import ExportableState, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from kwanzaa_adapter.checkpointing import (
@@ -26,12 +27,11 @@ from kwanzaa_adapter.checkpointing import (
     rotate_checkpoints,
     staging_path,
 )
-
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.data.collation import make_collator
 from kwanzaa_adapter.data.supervised_logits import SupervisedLogitsCollator, supervised_loss
 from kwanzaa_adapter.faults import FaultInjection, fault_injection_enabled, fault_point
-from kwanzaa_adapter.host_memory import release_free_heap
+from kwanzaa_adapter.host_memory import can_release_free_heap, release_free_heap
 from kwanzaa_adapter.metrics import MetricsTracker, compute_perplexity
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,56 @@ class MetricsRecorder(TrainerCallback):
             self.tracker.log_metrics({k: v for k, v in entry.items() if v is not None})
 
 
+class TokensPerSecondProgress(ProgressCallback):
+    """The Trainer's progress bar with the training tokens per second beside it (since the run began)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        self._start = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        elapsed = time.perf_counter() - self._start[0]
+        if self.training_bar is not None and elapsed > 0:
+            rate = (state.num_input_tokens_seen - self._start[1]) / elapsed
+            self.training_bar.set_postfix_str(f"{rate:.0f} tokens/s", refresh=False)
+
+
 class ReleaseHostMemory(TrainerCallback):
     """Returns the heap's free pages to the OS after every optimizer step (`training.release_host_memory`)."""
 
     def on_step_end(self, args, state, control, **kwargs):
         release_free_heap()
+
+
+def optimizer_moments_digest(state_dict: dict) -> dict:
+    """What an optimizer state holds, digested: parameters with state, their step count, and the
+    SHA-256 of every state tensor (Adam's moments) in parameter order. The same for a live optimizer's
+    `state_dict()` and for a checkpoint's `optimizer.pt`, so the two can be compared."""
+    digest, steps = hashlib.sha256(), set()
+    for key in sorted(state_dict.get("state", {})):
+        for name, value in sorted(state_dict["state"][key].items()):
+            if not isinstance(value, torch.Tensor):
+                continue
+            if name == "step":
+                steps.add(float(value))
+                continue
+            digest.update(f"{key}.{name}".encode())
+            digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return {"parameters": len(state_dict.get("state", {})), "steps": sorted(steps), "sha256": digest.hexdigest()}
+
+
+class ResumeRecorder(TrainerCallback):
+    """Where a resumed run started, read from the Trainer's own state once it has loaded the checkpoint."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.record["started_at_step"] = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.record["steps_run"] = state.global_step - self.record["started_at_step"]
 
 
 class KwanzaaTrainer(Trainer):
@@ -113,6 +158,29 @@ class KwanzaaTrainer(Trainer):
     def __init__(self, *args, identity: RunIdentity, **kwargs):
         super().__init__(*args, **kwargs)
         self.identity = identity
+        self.resume_record: dict = {}  # what resuming loaded, from the Trainer's own state
+        self.computed_tokens = self.padding_tokens = 0  # over the micro-batches trained on
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.computed_tokens += inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self.padding_tokens += int((mask == 0).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.resume_record["checkpoint"] = Path(checkpoint).name
+            self.resume_record["optimizer"] = optimizer_moments_digest(self.optimizer.state_dict())
+            self.resume_record["scheduler"] = {"last_epoch": self.lr_scheduler.last_epoch,
+                                               "learning_rate": self.lr_scheduler.get_last_lr()[0]}
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None:
+            state = torch.random.get_rng_state().numpy().tobytes()
+            self.resume_record["rng"] = {"torch_cpu_sha256": hashlib.sha256(state).hexdigest()}
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = Path(self.args.output_dir)
@@ -177,7 +245,8 @@ def schedule_arguments(config: KwanzaaConfig) -> dict:
 
 
 def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str,
-                             gradient_checkpointing: bool) -> TrainingArguments:
+                             gradient_checkpointing: bool, precision: str = "float32") -> TrainingArguments:
+    """The Trainer's arguments; `precision` is the resolved model.precision (it sets autocast)."""
     t, e, c = config.training, config.evaluation, config.checkpointing
     early = e.early_stopping_patience is not None
     return TrainingArguments(
@@ -203,7 +272,8 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         data_seed=config.run.seed,
         full_determinism=config.run.deterministic,
         use_cpu=device == "cpu",
-        bf16=t.bf16,
+        bf16=precision == "bfloat16",
+        fp16=precision == "float16",
         # The reporting callbacks come from RunMonitor, after MetricsRecorder so they see what it adds.
         report_to="none",
         include_num_input_tokens_seen="non_padding" if config.data.batching == "length_grouped" else "all",
@@ -226,7 +296,8 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
     notes = [note] if note else []
     if note:
         log.warning(note)
-    args = build_training_arguments(config, run, bundle.device, optimizer, bundle.gradient_checkpointing)
+    args = build_training_arguments(config, run, bundle.device, optimizer, bundle.gradient_checkpointing,
+                                    bundle.precision.resolved)
     main = args.process_index == 0
     tracker = MetricsTracker(run.path, resume=resume) if main else None
     extra = [MetricsRecorder(tracker), *reporters]
@@ -234,7 +305,12 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
         extra.append(EarlyStoppingCallback(config.evaluation.early_stopping_patience,
                                            config.evaluation.early_stopping_threshold))
     if config.training.release_host_memory:
-        extra.append(ReleaseHostMemory())
+        if can_release_free_heap():
+            extra.append(ReleaseHostMemory())
+        else:
+            notes.append("training.release_host_memory: this C library has no malloc_trim (not glibc); the heap's "
+                         "free pages stay resident and the resident memory may grow step after step")
+            log.warning(notes[-1])
     if fault_injection_enabled():
         extra.append(FaultInjection())
     trainer = KwanzaaTrainer(
@@ -248,7 +324,13 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
         callbacks=[*extra, *callbacks],
         identity=identity,
     )
+    if trainer.pop_callback(ProgressCallback) is not None:  # the bar, unless disable_tqdm
+        trainer.add_callback(TokensPerSecondProgress())
+    if resume_from is not None:
+        trainer.add_callback(ResumeRecorder(trainer.resume_record))
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if resume_from is not None:
+        log.info("resumed from %s: %s", resume_from, json.dumps(trainer.resume_record, sort_keys=True))
     final_eval = _final_evaluation(trainer)
     bundle.model.eval()
     if not main:
@@ -257,7 +339,10 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
     summary.update(final_eval_loss=final_eval["eval_loss"], final_perplexity=final_eval["eval_perplexity"],
                    stopped_early=result.global_step < trainer.state.max_steps,
                    train_runtime=result.metrics.get("train_runtime"),
-                   train_tokens=trainer.state.num_input_tokens_seen)
+                   train_tokens=trainer.state.num_input_tokens_seen,
+                   eval_seconds=sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history),
+                   resume=trainer.resume_record or None,
+                   padding_share=trainer.padding_tokens / trainer.computed_tokens if trainer.computed_tokens else 0.0)
     if torch.cuda.is_available():
         summary["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
     run.summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

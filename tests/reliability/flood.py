@@ -1,10 +1,15 @@
 """A flood of bad requests for the HTTP server: every one must get a 4xx, and a good one must still
 be answered afterwards. Used by tests/reliability/test_server_flood.py and bench/reliability.py.
 
-The server runs with an API key and the default `ServeLimits`; the bad requests cover missing and
-wrong keys, wrong methods, unknown routes, malformed and invalid-UTF-8 JSON, wrong types, values
-out of range, oversized bodies (declared and chunked), too many documents or messages, texts over
-the limits, generation lengths over the limit, and pathological JSON (deep nesting, huge numbers).
+The server runs with an API key and the default `ServeLimits`. The key is checked before the body
+is read, so a request without it tests only the 401: the flood has a few of those (missing and
+wrong keys, and some hostile bodies sent without a key) and is counted apart from the
+authenticated bad requests, which carry the right key and so reach the body checks: wrong
+methods, unknown routes, malformed and invalid-UTF-8 JSON, wrong types, values out of range,
+oversized bodies (declared and chunked), too many documents or messages, texts over the limits,
+generation lengths over the limit, and pathological JSON (deep nesting, huge numbers). Every
+authenticated body is sent twice, with a Content-Length and chunked (without one): the server
+reads the two differently.
 """
 
 from __future__ import annotations
@@ -38,6 +43,15 @@ class BadRequest:
     chunked: bool = False  # send the body without Content-Length, in pieces
     raw: bool = False  # written to the socket as is: headers that an HTTP client would not send
 
+    @property
+    def authenticated(self) -> bool:
+        """Carries the right key, so the server's key check lets it through to the body checks."""
+        return self.headers.get("Authorization") == AUTH["Authorization"]
+
+    @property
+    def group(self) -> str:
+        return "authenticated" if self.authenticated else "unauthenticated"
+
 
 def _json(value) -> bytes:
     return json.dumps(value).encode()
@@ -70,6 +84,11 @@ def _answer_payloads(limits: ServeLimits) -> dict[str, object]:
         "max_new_tokens_huge": {**GOOD_ANSWER, "max_new_tokens": 10**12},
         "max_new_tokens_enormous": {**GOOD_ANSWER, "max_new_tokens": 10**400},
         "year_string": {"question": "q?", "documents": [{**DOCUMENT, "year": "nineteen"}]},
+        "question_bool": {"question": True},
+        "documents_null": {"question": "q?", "documents": None},
+        "documents_object": {"question": "q?", "documents": DOCUMENT},
+        "document_title_int": {"question": "q?", "documents": [{"title": 5, "text": "x"}]},
+        "document_text_null": {"question": "q?", "documents": [{"title": "t", "text": None}]},
     }
 
 
@@ -94,6 +113,15 @@ def _chat_payloads(limits: ServeLimits) -> dict[str, object]:
         "top_p_zero": {**GOOD_CHAT, "top_p": 0},
         "n_two": {**GOOD_CHAT, "n": 2},
         "stream_string": {**GOOD_CHAT, "stream": "yes please"},
+        "messages_null": {"messages": None},
+        "message_not_object": {"messages": ["hi"]},
+        "message_role_missing": {"messages": [{"content": "hi"}]},
+        "message_content_int": {"messages": [{"role": "user", "content": 5}]},
+        "temperature_string": {**GOOD_CHAT, "temperature": "hot"},
+        "top_p_above_one": {**GOOD_CHAT, "top_p": 1.5},
+        "n_zero": {**GOOD_CHAT, "n": 0},
+        "max_tokens_float": {**GOOD_CHAT, "max_tokens": 2.5},
+        "model_int": {**GOOD_CHAT, "model": 5},
     }
 
 
@@ -123,6 +151,12 @@ def _malformed_bodies(limits: ServeLimits) -> dict[str, bytes]:
     }
 
 
+def _both_ways(name: str, route: str, headers: dict, body: bytes) -> Iterator[BadRequest]:
+    """The body with a Content-Length, and chunked."""
+    yield BadRequest(name, "POST", route, headers, body)
+    yield BadRequest(f"{name} chunked", "POST", route, headers, body, chunked=True)
+
+
 def bad_requests(limits: ServeLimits = ServeLimits()) -> Iterator[BadRequest]:
     """Every bad request of the flood (a few hundred), in a fixed order."""
     good = _json(GOOD_ANSWER)
@@ -146,9 +180,13 @@ def bad_requests(limits: ServeLimits = ServeLimits()) -> Iterator[BadRequest]:
                  "/" + "a" * 4000, "/v1/chat", "/v1/completions", "/metrics", "/healthz/../v1/answer2"):
         yield BadRequest(f"unknown route {path[:30]}", "POST", path, {**AUTH, **JSON}, good)
     for route in ROUTES:
-        for name, body in _malformed_bodies(limits).items():
-            yield BadRequest(f"{name} {route}", "POST", route, {**AUTH, **JSON}, body)
-            yield BadRequest(f"{name} without key {route}", "POST", route, JSON, body)
+        malformed = _malformed_bodies(limits)
+        for name, body in malformed.items():
+            yield from _both_ways(f"{name} {route}", route, {**AUTH, **JSON}, body)
+        for name in ("oversized", "deep_nesting", "binary"):  # refused on the key, the body unread
+            yield BadRequest(f"{name} without key {route}", "POST", route, JSON, malformed[name])
+        yield BadRequest(f"declared oversized without key {route}", "POST", route,
+                         {**JSON, "Content-Length": str(limits.max_body_bytes * 64)}, b"{}", raw=True)
         yield BadRequest(f"chunked oversized {route}", "POST", route, {**AUTH, **JSON},
                          b"[" + b"1," * (limits.max_body_bytes // 2 + 10) + b"1]", chunked=True)
         yield BadRequest(f"declared oversized {route}", "POST", route,
@@ -160,8 +198,7 @@ def bad_requests(limits: ServeLimits = ServeLimits()) -> Iterator[BadRequest]:
                          {**AUTH, "content-type": "application/x-www-form-urlencoded"}, b"question=x")
     for payloads, route in ((_answer_payloads(limits), "/v1/answer"), (_chat_payloads(limits), "/v1/chat/completions")):
         for name, payload in payloads.items():
-            yield BadRequest(f"{name} {route}", "POST", route, {**AUTH, **JSON}, _json(payload))
-            yield BadRequest(f"{name} without key {route}", "POST", route, JSON, _json(payload))
+            yield from _both_ways(f"{name} {route}", route, {**AUTH, **JSON}, _json(payload))
     # The other route's payload on each route: wrong shape entirely.
     yield BadRequest("chat payload on /v1/answer", "POST", "/v1/answer", {**AUTH, **JSON}, _json(GOOD_CHAT))
     yield BadRequest("answer payload on chat", "POST", "/v1/chat/completions", {**AUTH, **JSON}, good)
@@ -169,13 +206,27 @@ def bad_requests(limits: ServeLimits = ServeLimits()) -> Iterator[BadRequest]:
 
 @dataclass
 class FloodResult:
-    sent: int = 0
-    statuses: Counter = field(default_factory=Counter)
-    failures: list[str] = field(default_factory=list)  # 5xx, 2xx/3xx, or no answer at all
+    # "authenticated" / "unauthenticated" -> status -> count; status 0: no answer at all
+    statuses: dict[str, Counter] = field(default_factory=lambda: {"authenticated": Counter(),
+                                                                  "unauthenticated": Counter()})
+    # 5xx, 2xx/3xx, no answer; a 401 to the right key; anything but a 401 to a guarded route without it
+    failures: list[str] = field(default_factory=list)
+
+    def sent(self, group: str | None = None) -> int:
+        return sum(sum(counter.values()) for name, counter in self.statuses.items() if group in (None, name))
 
     @property
     def server_errors(self) -> int:
-        return sum(count for status, count in self.statuses.items() if status >= 500)
+        return sum(count for counter in self.statuses.values() for status, count in counter.items() if status >= 500)
+
+    def record(self, request: BadRequest, status: int) -> None:
+        self.statuses[request.group][status] += 1
+        if not 400 <= status < 500:
+            self.failures.append(f"{request.name}: HTTP {status}")
+        elif request.authenticated and status == 401:
+            self.failures.append(f"{request.name}: 401 with the right key: its body was never checked")
+        elif not request.authenticated and request.path != "/healthz" and status != 401:
+            self.failures.append(f"{request.name}: HTTP {status} without the key, expected 401")
 
 
 def _send_raw(base_url: str, request: BadRequest, timeout: float) -> int:
@@ -206,18 +257,15 @@ def flood(base_url: str, limits: ServeLimits = ServeLimits(), timeout: float = 6
     """Send every bad request; each must be answered with a 4xx."""
     result = FloodResult()
     for request in bad_requests(limits):
-        result.sent += 1
         # A fresh connection each time: a refused body may leave the previous one closed.
         with httpx.Client(base_url=base_url, timeout=timeout) as client:
             try:
                 status = _send_raw(base_url, request, timeout) if request.raw else _send(client, request)
             except (httpx.HTTPError, OSError, ValueError) as exc:
                 result.failures.append(f"{request.name}: no answer ({type(exc).__name__}: {exc})")
-                result.statuses[0] += 1
+                result.statuses[request.group][0] += 1
                 continue
-        result.statuses[status] += 1
-        if not 400 <= status < 500:
-            result.failures.append(f"{request.name}: HTTP {status}")
+        result.record(request, status)
     return result
 
 

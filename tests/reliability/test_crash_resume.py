@@ -1,8 +1,11 @@
-"""Crash and resume: a run killed with SIGKILL resumes to the uninterrupted run's adapter bytes;
-checkpoints are complete or ignored; resume refuses another run's checkpoint; a full disk during
-the artifact write and a second process on the same run directory fail cleanly.
+"""Crash and resume: a run killed with SIGKILL resumes to the uninterrupted run's adapter bytes,
+having loaded the checkpoint's step, optimizer moments and RNG state; checkpoints are complete or
+ignored; resume refuses another run's checkpoint; a full disk during the artifact write and a
+second process on the same run directory fail cleanly.
 
-The kills here are a subset of bench/reliability.py's (four moments of eleven, no timers).
+Training is deterministic: equal bytes would also come from a "resume" that trained from step 0,
+so what the resumed process loaded (training_summary.json, "resume") is checked against the
+checkpoint. The kills here are a subset of bench/reliability.py's (four moments of eleven, no timers).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import write_run_config
 from kwanzaa_adapter import cli
@@ -27,13 +31,24 @@ from kwanzaa_adapter.train_adapter import train_adapter
 from test_train_workflow import CrashAfter
 
 from .corpus import snapshot
-from .crash import KILL_RUN, child_env, kill_and_resume, partial_files, reference_run, train_command
+from .crash import (
+    KILL_RUN,
+    SUMMARY,
+    WEIGHTS,
+    checkpoint_state,
+    child_env,
+    kill_and_resume,
+    partial_files,
+    reference_run,
+    train_command,
+)
 
+# moment -> (fault point, the checkpoint the resume must start from)
 KILL_POINTS = {
-    "mid-step, gradients not applied": "pre_optimizer_step:3",
-    "inside the accumulation window": "substep_end:4",
-    "during a checkpoint save": "checkpoint_sealed:2",
-    "during the final verification": "artifact_verify:1",
+    "mid-step, gradients not applied": ("pre_optimizer_step:3", "checkpoint-2"),
+    "inside the accumulation window": ("substep_end:4", "checkpoint-2"),
+    "during a checkpoint save": ("checkpoint_sealed:2", "checkpoint-2"),
+    "during the final verification": ("artifact_verify:1", "checkpoint-6"),
 }
 
 
@@ -42,18 +57,20 @@ def kill_setup(tmp_path_factory, tiny_model_dir):
     """(config, tokenization cache, uninterrupted adapter bytes) for the killed runs."""
     root = tmp_path_factory.mktemp("kill")
     config = write_run_config(root, tiny_model_dir, **KILL_RUN)
-    reference, _ = reference_run(config, root / "reference", root / "cache")
-    return root, config, reference
+    reference = reference_run(config, root / "reference", root / "cache")
+    return root, config, reference.weights
 
 
 @pytest.mark.parametrize("moment", list(KILL_POINTS))
-def test_run_killed_at_any_moment_resumes_to_identical_adapter_bytes(kill_setup, moment):
+def test_run_killed_at_any_moment_resumes_from_its_checkpoint_to_identical_adapter_bytes(kill_setup, moment):
     root, config, reference = kill_setup
+    fault, checkpoint = KILL_POINTS[moment]
     out = root / moment.replace(" ", "-").replace(",", "")
-    trial = kill_and_resume(moment, config, out, root / "cache", reference, fault=KILL_POINTS[moment])
+    trial = kill_and_resume(moment, config, out, root / "cache", reference, fault=fault)
     assert trial.killed, trial.note
     assert trial.partial_after_kill == [] and trial.partial_after_resume == []
-    assert trial.resumed, trial.note
+    assert trial.resumed_from == checkpoint and trial.completed, trial.note
+    assert trial.resume_problems == []  # its step, optimizer moments and RNG state were loaded
     assert trial.identical
     assert not [p.name for p in (out / "tiny").iterdir() if p.name.startswith(".tmp-")]
 
@@ -121,17 +138,54 @@ def test_resume_refuses_a_corrupted_checkpoint_naming_the_file(crashed, capsys):
 
 @pytest.fixture(scope="module")
 def resumed(crashed):
-    """The crashed run, with what a killed process leaves behind, resumed to its artifact."""
+    """The crashed run, with what a killed process leaves behind, resumed to its artifact;
+    and what its checkpoint-2 held before the resume (see crash.checkpoint_state)."""
     config, run_dir = crashed
     (run_dir / ".tmp-checkpoint-4").mkdir()
     (run_dir / ".tmp-checkpoint-4" / "adapter_model.safetensors").write_bytes(b"half")
     (run_dir / ".tmp-final_artifact-x1y2").mkdir()
+    held = checkpoint_state(run_dir / "checkpoint-2")
     assert cli.main(["train", "--config", str(config), "--resume"]) == 0
-    return config, run_dir
+    return config, run_dir, held
+
+
+def loaded_on_resume(run_dir: Path) -> dict | None:
+    """What the resumed process recorded as loaded from its checkpoint (None: it did not resume)."""
+    return json.loads((run_dir / SUMMARY).read_text())["resume"]
+
+
+def test_resume_starts_at_the_checkpoints_step_and_runs_only_the_remaining_steps(resumed):
+    _, run_dir, held = resumed
+    loaded = loaded_on_resume(run_dir)
+    assert held["step"] == 2 and held["max_steps"] == 4
+    assert loaded["checkpoint"] == "checkpoint-2"
+    assert loaded["started_at_step"] == 2 and loaded["steps_run"] == 2
+
+
+def test_resume_loads_the_checkpoints_optimizer_moments(resumed):
+    _, run_dir, held = resumed
+    loaded = loaded_on_resume(run_dir)
+    assert held["optimizer"]["parameters"] > 0 and held["optimizer"]["steps"] == [2.0]
+    assert loaded.get("optimizer") == held["optimizer"]
+
+
+def test_resume_loads_the_checkpoints_rng_state(resumed):
+    _, run_dir, held = resumed
+    assert loaded_on_resume(run_dir).get("rng") == held["rng"]
+
+
+def test_resumed_adapter_is_trained_past_its_checkpoint_and_its_initialisation(resumed):
+    _, run_dir, _ = resumed
+    final = load_file(run_dir / "final_artifact" / WEIGHTS)
+    at_checkpoint = load_file(run_dir / "checkpoint-2" / WEIGHTS)
+    lora_b = [name for name in final if "lora_B" in name]
+    assert lora_b and [name for name in lora_b if not final[name].any()] == []  # LoRA B starts at zeros
+    assert set(final) == set(at_checkpoint)
+    assert [name for name in final if final[name].equal(at_checkpoint[name])] == []  # steps 3 and 4 moved them all
 
 
 def test_resume_removes_what_a_killed_run_left_and_publishes(resumed):
-    _, run_dir = resumed
+    _, run_dir, _ = resumed
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".tmp-")]
     assert [p.name for p in checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-4"]
     assert partial_files(run_dir) == [] and verify_artifact(run_dir / "final_artifact").ok
@@ -139,7 +193,7 @@ def test_resume_removes_what_a_killed_run_left_and_publishes(resumed):
 
 def test_full_disk_during_the_artifact_write_fails_cleanly_and_keeps_the_published_one(resumed, monkeypatch,
                                                                                          capsys):
-    config, run_dir = resumed
+    config, run_dir, _ = resumed
     published = snapshot(run_dir / "final_artifact")
     from kwanzaa_adapter import publishing
 

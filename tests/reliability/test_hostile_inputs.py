@@ -1,5 +1,5 @@
-"""Every hostile input of the corpus is refused: exit 1 or 2, one clear message, no traceback,
-no hang, nothing written."""
+"""Every hostile input of the corpus is refused for its own reason: exit 1 or 2, one clear message
+naming that reason, no traceback, no hang, nothing written."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def test_corpus_covers_every_kind_with_at_least_sixty_cases(corpus):
     kinds = {case.kind for case in cases}
     assert len(cases) >= 60 and kinds == {"config", "data", "artifact", "model"}
     assert len({case.name for case in cases}) == len(cases)
+    assert [case.name for case in cases if not case.reason.strip()] == []
 
 
 def _timeout(signum, frame):
     raise TimeoutError(f"no answer within {TIME_BOX_S} s")
 
 
-def test_every_hostile_input_is_refused_cleanly(corpus, capsys):
+def test_every_hostile_input_is_refused_cleanly_for_its_own_reason(corpus, capsys):
     root, cases = corpus
     failures = []
     for case in cases:
@@ -55,6 +56,8 @@ def test_every_hostile_input_is_refused_cleanly(corpus, capsys):
             failures.append(f"{case.name}: traceback printed")
         elif not message or len(message) > 4000:
             failures.append(f"{case.name}: no clear message ({len(message)} characters: {message[:200]!r})")
+        elif not case.gives_reason(message):
+            failures.append(f"{case.name}: refused, but not for {case.reason!r}: {message[:300]!r}")
         elif snapshot(case_dir) != before:
             failures.append(f"{case.name}: files written {sorted(set(snapshot(case_dir)) - set(before))}")
     assert not failures, "\n".join(failures)

@@ -5,6 +5,9 @@ template(messages[:i], add_generation_prompt=True) and template(messages[:i+1]) 
 Labels cover the turn's content through its end-of-turn token (so the model learns to stop)
 and nothing after it (template whitespace). Both prefixes must be token prefixes of the full
 conversation; a template for which they are not raises `TemplateError`.
+
+The cache records a SHA-256 of its content when written and is reused only when it still matches;
+a cache file that does not match or cannot be read is rebuilt, with a warning naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
 from kwanzaa_adapter.data.validation import Conversation, DataError, Issue, load_examples
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = "kwanzaa.tokenized.v1"  # bump when the labelling rules change
+CACHE_FORMAT = "kwanzaa.tokenized.v2"  # bump when the labelling rules or the file layout change
 log = logging.getLogger(__name__)
 
 
@@ -182,7 +185,7 @@ def tokenize_file(
         cache_file = Path(cache_dir) / f"{key}.safetensors"
         cached = read_cache(cache_file)
         if cached is not None:
-            log.info("tokenized %s from cache %s", data_path, cache_file)
+            log.info("tokenized %s from cache %s (digest verified)", data_path, cache_file)
             return cached
     examples = load_examples(data_path, system_prompt)
     tokenized, report = tokenize_dataset(examples, tokenizer, max_seq_length)
@@ -192,7 +195,8 @@ def tokenize_file(
 
 
 def write_cache(path: Path, examples: Sequence[TokenizedExample], report: TokenizationReport) -> None:
-    """Concatenated ids and labels plus per-example lengths, as safetensors (never pickle); atomic."""
+    """Concatenated ids and labels plus per-example lengths, as safetensors (never pickle), with the
+    digest of that content in the metadata; atomic."""
     tensors = {
         "input_ids": torch.tensor([t for e in examples for t in e.input_ids], dtype=torch.int64),
         "labels": torch.tensor([t for e in examples for t in e.labels], dtype=torch.int64),
@@ -200,34 +204,52 @@ def write_cache(path: Path, examples: Sequence[TokenizedExample], report: Tokeni
         "truncated": torch.tensor([e.truncated for e in examples], dtype=torch.bool),
     }
     metadata = {"format": CACHE_FORMAT, "report": json.dumps(asdict(report))}
+    metadata["sha256"] = cache_digest(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     save_file(tensors, str(partial), metadata=metadata)
     os.replace(partial, path)
 
 
+def cache_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of a cache's content: its metadata (but the digest) and each tensor's name, dtype, shape, bytes."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != "sha256"}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def read_cache(path: Path) -> tuple[list[TokenizedExample], TokenizationReport] | None:
-    """The cached dataset, or None when absent or unreadable (it is then rebuilt)."""
+    """The cached dataset, or None when absent, unreadable or not matching its digest (it is then rebuilt)."""
     if not path.is_file():
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        if metadata.get("format") != CACHE_FORMAT:
-            return None
         tensors = load_file(str(path))
-        report = TokenizationReport(**json.loads(metadata["report"]))
-    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as exc:
-        log.warning("ignoring unreadable tokenization cache %s: %s", path, exc)
+    except (SafetensorError, OSError, ValueError) as exc:
+        log.warning("rebuilding the tokenization cache %s: it cannot be read (%s)", path, exc)
         return None
-    lengths = tensors["lengths"].tolist()
-    if not lengths:
-        return [], report
-    ids = tensors["input_ids"].split(lengths)
-    labels = tensors["labels"].split(lengths)
-    flags = tensors["truncated"].tolist()
+    recorded, actual = metadata.get("sha256"), cache_digest(tensors, metadata)
+    if metadata.get("format") != CACHE_FORMAT or recorded != actual:
+        log.warning("rebuilding the tokenization cache %s: its content does not match the digest recorded when "
+                    "it was written (format %s, recorded sha256 %s, content sha256 %s)",
+                    path, metadata.get("format"), recorded, actual)
+        return None
+    try:
+        report = TokenizationReport(**json.loads(metadata["report"]))
+        lengths = tensors["lengths"].tolist()
+        ids = tensors["input_ids"].split(lengths)
+        labels = tensors["labels"].split(lengths)
+        flags = tensors["truncated"].tolist()
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a digest-matching file from a faulty writer
+        log.warning("rebuilding the tokenization cache %s: it is inconsistent (%s)", path, exc)
+        return None
     examples = [TokenizedExample(i.tolist(), l.tolist(), f) for i, l, f in zip(ids, labels, flags)]
     if len(examples) != report.rows:
-        log.warning("ignoring inconsistent tokenization cache %s", path)
+        log.warning("rebuilding the tokenization cache %s: it holds %d rows, its report %d", path, len(examples),
+                    report.rows)
         return None
     return examples, report

@@ -8,6 +8,7 @@ one in the artifact's metadata. Prompts come from `render_record`, the renderer 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,8 +29,13 @@ from kwanzaa_adapter.modeling import (
     load_verified_adapter,
     prepare_quantized_base,
     resolve_device,
+    run_precision,
+    set_compute_precision,
 )
+from kwanzaa_adapter.precision import PRECISIONS
 from kwanzaa_adapter.verification import compute_model_state_checksum
+
+log = logging.getLogger(__name__)
 
 
 class BaseModelMismatchError(AdapterVerificationError):
@@ -59,6 +65,13 @@ class VerifiedArtifact:
     def trained_base_digest(self) -> str:
         return self.metadata["base_model"]["model_digest"]
 
+    @property
+    def trained_precision(self) -> str | None:
+        """The dtype the base model was loaded in for training (artifacts before model.precision: None)."""
+        recorded = self.metadata.get("precision")
+        resolved = recorded.get("resolved") if isinstance(recorded, dict) else None
+        return resolved if resolved in PRECISIONS else None
+
 
 def verify_adapter_artifact(artifact: str | Path) -> VerifiedArtifact:
     """Verify the artifact (AdapterVerificationError with the diff), then read its metadata."""
@@ -86,9 +99,10 @@ def base_digest_as_trained(model, config: KwanzaaConfig) -> str:
     return compute_model_state_checksum(model)["model_digest"]
 
 
-def load_base_as_trained(config: KwanzaaConfig, device: str):
-    """(model, tokenizer, source, digest): the base model prepared and digested as training did."""
-    model, tokenizer, source = load_base_model(config, device)
+def load_base_as_trained(config: KwanzaaConfig, device: str, precision: str):
+    """(model, tokenizer, source, digest): the base model loaded in `precision`, prepared and digested as
+    training did."""
+    model, tokenizer, source = load_base_model(config, device, precision)
     return model, tokenizer, source, base_digest_as_trained(model, config)
 
 
@@ -231,12 +245,19 @@ class CausalLMModel:
         self.config = config
         self.device = resolve_device(device or config.training.device)
         verified = verify_adapter_artifact(adapter) if adapter is not None else None  # before the base loads
-        model, self.tokenizer, self.source, self.base_digest = load_base_as_trained(config, self.device)
+        self.precision = run_precision(config, self.device)
+        # The base is loaded as the adapter was trained, so that its digest can prove it is that base;
+        # then it computes in the precision this machine runs fast (set_compute_precision).
+        loaded_as = (verified.trained_precision if verified else None) or self.precision.resolved
+        model, self.tokenizer, self.source, self.base_digest = load_base_as_trained(config, self.device, loaded_as)
         self.check_model_type(model)
         self.adapter: AdapterInfo | None = None
         if adapter is not None:
             self.adapter = check_base_digest(verified, self.base_digest, allow_base_mismatch)
             model = load_verified_adapter(model, adapter)
+        if loaded_as != self.precision.resolved:
+            set_compute_precision(model, self.precision.dtype)
+            log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
         self.model = model.eval()
         self.lock = threading.Lock()  # one model: generations run one at a time
 
@@ -257,7 +278,7 @@ class CausalLMModel:
 
     def describe(self) -> dict:
         return {"family": self.family, "base_model": self.config.model.name_or_path,
-                "base_digest": self.base_digest, "quantization": "4-bit " + self.config.quantization.quant_type
+                "base_digest": self.base_digest, "precision": self.precision.resolved, "quantization": "4-bit " + self.config.quantization.quant_type
                 if self.config.quantization.load_in_4bit else "none",
                 "adapter": self.adapter.as_json() if self.adapter else None}
 

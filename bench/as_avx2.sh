@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run a command as on a CPU without AVX-512 (the AVX2 class: most laptops, older cloud CPUs).
+#
+#   bench/as_avx2.sh .venv/bin/python scripts/demo.py
+#   bench/as_avx2.sh .venv/bin/python bench/throughput.py
+#
+# PyTorch's own kernels (ATen), oneDNN and MKL are limited to AVX2, so fp32 products run at the
+# AVX2 rate (~130-165 GFLOP/s on 2 cores instead of ~300 with AVX-512) and bf16 has no native
+# kernel (~1-2.5 GFLOP/s): the precision probe sees what an AVX2 machine shows it, and chooses
+# fp32. Forcing fp32 on an AVX-512 machine is not the same: its fp32 products run twice as fast.
+# bitsandbytes' own 4-bit kernels are not limited by these variables (bench/NOTES.md).
+export ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+exec "$@"

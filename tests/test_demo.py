@@ -1,0 +1,57 @@
+"""`make demo`'s own checks: the backend's answer must be a contract answer, and a tampered copy refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, load_script
+
+demo = load_script(ROOT / "scripts" / "demo.py", "demo_script")
+
+ANSWER = {
+    "version": "kwanzaa.answer.v1",
+    "answer": {"text": "Kwanzaa begins on December 26 [1].", "confidence": 0.9, "completeness": "complete"},
+    "sources": [{"citation": 1, "title": "Kwanzaa"}],
+    "unknowns": {"unsupported_claims": [], "missing_context": [], "clarifying_questions": []},
+}
+
+
+def test_a_contract_answer_is_parsed_and_checked():
+    answer = demo.contract_answer(json.dumps({"id": "r1", "answer": ANSWER, "error": None}) + "\n")
+    assert answer.cited_numbers() == [1] and answer.answer.completeness == "complete"
+
+
+@pytest.mark.parametrize("output", [
+    json.dumps({"id": "r1", "answer": None, "error": {"type": "invalid_output", "raw_output": "Kwanzaa is"}}),
+    json.dumps({"id": "r1", "answer": {**ANSWER, "version": "v0"}, "error": None}),
+    json.dumps({"id": "r1", "answer": ANSWER, "error": None}) * 2,
+    "",
+], ids=["invalid-output", "wrong-version", "two-objects-on-a-line", "nothing"])
+def test_an_answer_outside_the_contract_fails_the_demo(output):
+    with pytest.raises(ValueError):
+        demo.contract_answer(output)
+
+
+def test_backend_check_fails_when_generate_exits_0_with_an_invalid_answer(monkeypatch, capsys):
+    """`generate` exits 0 on an output that is not a contract answer; the demo must not take that as success."""
+    invalid = {"id": "r1", "answer": None, "error": {"type": "invalid_output", "message": "not JSON",
+                                                     "raw_output": "Kwanzaa is a holiday"}}
+
+    def fake_cli(command):
+        print(json.dumps(invalid))
+        return 0
+
+    monkeypatch.setattr(demo, "cli", fake_cli)
+    monkeypatch.chdir(ROOT)
+    assert demo.backend_check("configs/demo.yaml", ROOT / "no-artifact-needed") == 1
+    assert "not a contract answer" in capsys.readouterr().err
+
+
+def test_measured_phases_split_the_wall_time_as_the_estimate_does():
+    metadata = {"timings": {"total_seconds": 700.0, "train_seconds": 500.0, "eval_loss_seconds": 40.0,
+                            "behavioral_seconds": 150.0}}
+    phases = demo.measured_phases(metadata, wall=720.0)
+    assert phases == {"load, checksums, artifact": 70.0, "training": 460.0, "eval-loss passes": 40.0,
+                      "behavioral evaluation": 150.0}
