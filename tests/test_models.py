@@ -228,3 +228,15 @@ def test_chat_question_beyond_the_context_window_is_reported_and_the_session_goe
     asked = run_chat(loaded, DOCUMENTS, read, written.append, max_new_tokens=2)
     output = "".join(written)
     assert asked == 1 and "[not asked: the prompt is" in output and f"context window is {window} tokens" in output
+
+
+def test_eval_applies_the_backends_base_digest_check(tiny_artifact, other_base_dir, capsys):
+    """`eval` loads the adapter as the backend does: onto another base it is refused (exit 1), unless overridden."""
+    config_path, artifact = tiny_artifact
+    command = ["eval", "--config", str(config_path), "--adapter", str(artifact),
+               "--set", f"model.name_or_path={other_base_dir}", "--set", "evaluation.max_new_tokens=2",
+               "--set", "evaluation.max_examples=1"]
+    assert main(command) == 1
+    assert "was trained on base model" in capsys.readouterr().err
+    assert main([*command, "--allow-base-mismatch"]) == 0
+    assert "base model digest differs" in capsys.readouterr().err

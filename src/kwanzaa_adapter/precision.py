@@ -37,7 +37,7 @@ EMULATED_FACTOR = 2.0
 PROBE_TOKENS = 64  # rows of the probe's products: a slice of a micro-batch, a decoding batch
 PROBE_BUDGET_SECONDS = 0.15  # after the first two rounds; an emulated kernel stops after its second product
 MAX_PROBE_ROUNDS = 50
-PROBE_CACHE_FORMAT = "kwanzaa.precision-probe.v2"  # v2: interleaved rounds
+PROBE_CACHE_FORMAT = "kwanzaa.precision-probe.v3"  # v3: interleaved rounds, one-thread rates
 # Environment variables that change which kernels run (used to reproduce an AVX2 CPU on a newer one).
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16")
