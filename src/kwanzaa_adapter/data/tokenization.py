@@ -247,7 +247,7 @@ def read_cache(path: Path) -> tuple[list[TokenizedExample], TokenizationReport] 
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a digest-matching file from a faulty writer
         log.warning("rebuilding the tokenization cache %s: it is inconsistent (%s)", path, exc)
         return None
-    examples = [TokenizedExample(i.tolist(), l.tolist(), f) for i, l, f in zip(ids, labels, flags)]
+    examples = [TokenizedExample(i.tolist(), lab.tolist(), f) for i, lab, f in zip(ids, labels, flags)]
     if len(examples) != report.rows:
         log.warning("rebuilding the tokenization cache %s: it holds %d rows, its report %d", path, len(examples),
                     report.rows)
