@@ -45,7 +45,7 @@ def test_released_heap_returns_the_freed_blocks_the_heap_kept():
     assert kept - released > 64, (kept, released)  # 64 blocks of 2 MB+ stayed resident without the release
 
 
-def test_release_runs_after_every_optimizer_step(tiny_run_config):
+def test_release_runs_after_every_optimizer_step_and_every_evaluation_batch(tiny_run_config):
     from kwanzaa_adapter import trainer
     from kwanzaa_adapter.train_adapter import train_adapter
 
@@ -63,7 +63,7 @@ def test_release_runs_after_every_optimizer_step(tiny_run_config):
         train_adapter(config)
     finally:
         trainer.release_free_heap = original
-    assert len(calls) == 4  # max_steps of the tiny config
+    assert len(calls) == 4 + 2 * 2  # 4 optimizer steps; 2 evaluations (eval_steps 2) of 4 rows in batches of 2
 
 
 def test_release_that_cannot_act_warns_and_is_recorded(tiny_run_config, monkeypatch, caplog):

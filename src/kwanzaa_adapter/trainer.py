@@ -109,9 +109,14 @@ class TokensPerSecondProgress(ProgressCallback):
 
 
 class ReleaseHostMemory(TrainerCallback):
-    """Returns the heap's free pages to the OS after every optimizer step (`training.release_host_memory`)."""
+    """Returns the heap's free pages to the OS after every optimizer step and every evaluation batch
+    (`training.release_host_memory`): without the second, the eval-loss pass that ends the demo's
+    training grew its resident memory by 1.5 GiB over 70 rows, which generation then built on."""
 
     def on_step_end(self, args, state, control, **kwargs):
+        release_free_heap()
+
+    def on_prediction_step(self, args, state, control, **kwargs):
         release_free_heap()
 
 
