@@ -24,6 +24,11 @@
 3. The server (API key, default limits) over the uninterrupted run's artifact, flooded with the
    bad requests of tests/reliability/flood.py (authenticated and unauthenticated counted apart),
    then asked a good question.
+4. The attacks on a signed artifact of tests/reliability/signatures.py (weights replaced and
+   checksums recomputed, a signature copied from another artifact, an untrusted key, a file added,
+   a symlink, a truncated, garbage or removed signature, an altered statement), each through
+   `verify --public-key` and `generate --trusted-key` in subprocesses: caught when both exit 1 with
+   the attack's reason, no traceback and no weights loaded.
 
 Subprocesses run with OMP_NUM_THREADS=1. The last line printed is one JSON object.
 """
@@ -45,6 +50,7 @@ sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from conftest import build_tiny_model, packaged_gguf_path, write_run_config  # noqa: E402
 from tests.reliability.corpus import HostileCase, build_corpus  # noqa: E402
+from tests.reliability.signatures import attack_name, build_signature_attacks  # noqa: E402
 from tests.reliability.crash import (  # noqa: E402
     FAULT_POINTS,
     KILL_RUN,
@@ -102,14 +108,25 @@ def hostile_case(case: HostileCase, env: dict) -> dict:
                 "reason_given": False, "output": ""}
     output = done.stdout + done.stderr
     return {"name": case.name, "hang": False, "traceback": "Traceback" in output, "exit": done.returncode,
-            "expected": case.expected_exit, "reason_given": case.gives_reason(output), "output": output}
+            "expected": case.expected_exit, "reason_given": case.gives_reason(output), "output": output,
+            "loaded_weights": "Loading weights" in output}
 
 
-def hostile_inputs(root: Path) -> list[dict]:
-    cases = build_corpus(root / "hostile")
+def run_cases(cases: list[HostileCase], root: Path) -> list[dict]:
     env = child_env(root / "cache")
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(lambda case: hostile_case(case, env), cases))
+
+
+def signature_attacks(root: Path) -> tuple[int, int, list[dict]]:
+    """(attacks, attacks caught through every command, the cases that were not)."""
+    (root / "signatures").mkdir()
+    cases = build_signature_attacks(root / "signatures")
+    results = run_cases(cases, root)
+    missed = [r for r in results if r["hang"] or r["traceback"] or r["exit"] != 1 or not r["reason_given"]
+              or r["loaded_weights"]]
+    attacks = {attack_name(case) for case in cases}
+    return len(attacks), len(attacks - {attack_name(HostileCase(r["name"], "", (), "")) for r in missed}), missed
 
 
 def server_flood(config: Path, artifact: Path):
@@ -138,9 +155,11 @@ def main() -> int:
         print("1. crash and resume", flush=True)
         trials, config, _ = crash_trials(root, args.timers, args.seed)
         print("2. hostile inputs", flush=True)
-        hostile = hostile_inputs(root)
+        hostile = run_cases(build_corpus(root / "hostile"), root)
         print("3. server flood", flush=True)
         flooded, alive = server_flood(config, root / "reference" / "tiny" / "final_artifact")
+        print("4. signature attacks", flush=True)
+        attacks, caught, missed = signature_attacks(root)
 
     killed = [t for t in trials if t.killed]
     resumed, restarted, after_publish, unresolved = (
@@ -168,6 +187,8 @@ def main() -> int:
         "server_bad_requests_unauthenticated": flooded.sent("unauthenticated"),
         "server_errors": flooded.server_errors + sum(1 for f in flooded.failures if "no answer" in f),
         "server_alive": alive,
+        "signature_attacks": attacks,
+        "signature_caught": caught,
     }
     authenticated, unauthenticated = flooded.statuses["authenticated"], flooded.statuses["unauthenticated"]
     print()
@@ -195,6 +216,8 @@ def main() -> int:
         ("  answered 401 (405: /healthz, open, wrong method)", unauthenticated[401], "all but /healthz"),
         ("server errors (5xx or no answer)", figures["server_errors"], "0"),
         ("server alive afterwards (good answer)", figures["server_alive"], "true"),
+        ("attacks on a signed artifact (verify and generate each)", attacks, ">= 7"),
+        ("  refused with exit 1 and the attack's reason, nothing loaded", caught, "all"),
     ]
     for name, value, required in rows:
         print(f"| {name} | {value} | {required} |")
@@ -206,6 +229,8 @@ def main() -> int:
         print(f"hostile {case['name']}: exit {case['exit']}, expected {case['expected']}")
     for case in wrong_reason:
         print(f"hostile {case['name']}: refused, but not for its reason: {case['output'][-300:]!r}")
+    for case in missed:
+        print(f"signature {case['name']}: exit {case['exit']}, {case['output'][-300:]!r}")
     for failure in flooded.failures:
         print(f"server: {failure}")
     print(f"statuses with the key: {dict(sorted(authenticated.items()))}, without: "
@@ -217,7 +242,7 @@ def main() -> int:
           and figures["resume_failed_or_unproven"] == figures["not_killed"] == figures["partial_visible"] == 0
           and figures["tracebacks"] == figures["hangs"] == 0 and not wrong_exit and not wrong_reason
           and figures["server_bad_requests_authenticated"] >= 200 and figures["server_errors"] == 0
-          and alive and not flooded.failures)
+          and alive and not flooded.failures and caught == attacks >= 7)
     return 0 if ok else 1
 
 

@@ -25,6 +25,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.registry import RegistryError
     from kwanzaa_adapter.rundir import RunDirectoryError
 
+    # SigningKeyError (an unusable key file) is an ArtifactError.
     return (ConfigError, DataError, EvaluationDataError, ModelReferenceError, RunDirectoryError, ArtifactError,
             RegistryError)
 
@@ -32,9 +33,10 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
 def _verification_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.export import MergeCheckError
     from kwanzaa_adapter.modeling import AdapterVerificationError
+    from kwanzaa_adapter.signing import SignatureError
     from kwanzaa_adapter.train_adapter import ArtifactInvalidError, WeightsChangedError
 
-    return WeightsChangedError, ArtifactInvalidError, AdapterVerificationError, MergeCheckError
+    return WeightsChangedError, ArtifactInvalidError, AdapterVerificationError, MergeCheckError, SignatureError
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from kwanzaa_adapter.artifacts import REQUIRED_FILES, verify_artifact
+    from kwanzaa_adapter.artifacts import REQUIRED_FILES, SIGNATURE_NAME, verify_artifact
     from kwanzaa_adapter.export import EXPORT_RECORD, EXPORT_REQUIRED
 
     directory = Path(args.artifact_dir)
@@ -89,7 +91,37 @@ def cmd_verify(args) -> int:
     required = EXPORT_REQUIRED if (directory / EXPORT_RECORD).is_file() else REQUIRED_FILES
     report = verify_artifact(directory, required_files=required)
     print(report.format())
-    return EXIT_OK if report.ok else EXIT_VERIFICATION
+    signed = None
+    if args.public_key:
+        from kwanzaa_adapter.signing import verify_signature
+
+        signed = verify_signature(directory, args.public_key)
+        print(signed.format())
+    elif (directory / SIGNATURE_NAME).is_file():
+        print(f"signature {SIGNATURE_NAME} present, not checked: pass --public-key")
+    return EXIT_OK if report.ok and (signed is None or signed.ok) else EXIT_VERIFICATION
+
+
+def cmd_sign(args) -> int:
+    from kwanzaa_adapter.signing import private_key_fingerprint, sign_artifact, verify_signature
+
+    signature = sign_artifact(args.artifact_dir, args.private_key, replace=args.replace)
+    print(f"signed {signature} with key sha256:{private_key_fingerprint(args.private_key)}")
+    if args.public_key:  # the key a backend will trust must accept what was just written
+        report = verify_signature(args.artifact_dir, [args.public_key])
+        print(report.format())
+        return EXIT_OK if report.ok else EXIT_VERIFICATION
+    return EXIT_OK
+
+
+def cmd_keygen(args) -> int:
+    from kwanzaa_adapter.signing import generate_key_pair
+
+    private, public = Path(args.out), Path(args.out + ".pub")
+    fingerprint = generate_key_pair(private, public)
+    print(f"private key {private} (keep it secret; mode 600)\npublic key  {public} (give it to backends: "
+          f"--trusted-key)\nkey sha256:{fingerprint}")
+    return EXIT_OK
 
 
 def cmd_info(args) -> int:
@@ -143,7 +175,7 @@ def cmd_registry_pull(args) -> int:
     if not args.tracking_uri:
         raise RegistryError("no tracking URI: pass --tracking-uri (e.g. sqlite:///outputs/RUN/mlflow.db) "
                             "or set MLFLOW_TRACKING_URI")
-    report = pull_model_version(args.name, args.version, Path(args.out), args.tracking_uri)
+    report = pull_model_version(args.name, args.version, Path(args.out), args.tracking_uri, tuple(args.trusted_key))
     print(report.format())
     return EXIT_OK if report.ok else EXIT_VERIFICATION
 
@@ -182,7 +214,8 @@ def _load_model(args, validate=None):
 
     config = load_training_config(args.config, tuple(args.set))
     checked = validate(config) if validate else None
-    model = model_from_config(config, adapter=args.adapter, allow_base_mismatch=args.allow_base_mismatch)
+    model = model_from_config(config, adapter=args.adapter, allow_base_mismatch=args.allow_base_mismatch,
+                              trusted_keys=tuple(args.trusted_key))
     if model.adapter is not None and not model.adapter.base_digest_matches:
         print(f"warning: base model digest differs from the one {args.adapter} was trained on "
               "(--allow-base-mismatch)", file=sys.stderr)
@@ -245,7 +278,8 @@ def cmd_export(args) -> int:
 
         config = load_training_config(args.config, tuple(args.set))
     result = export_merged(args.adapter, args.merge, config, tolerance=args.tolerance,
-                           as_trained_tolerance=args.as_trained_tolerance, allow_base_mismatch=args.allow_base_mismatch)
+                           as_trained_tolerance=args.as_trained_tolerance, allow_base_mismatch=args.allow_base_mismatch,
+                           trusted_keys=tuple(args.trusted_key))
     print(result.check.summary())
     print(f"merged model: {result.directory}")
     return EXIT_OK
@@ -273,9 +307,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the metrics JSON here, eval_predictions.jsonl beside it")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("verify", help="check an artifact's completeness and integrity")
+    p = sub.add_parser("verify", help="check an artifact's completeness and integrity (and its signature)")
     p.add_argument("artifact_dir")
+    p.add_argument("--public-key", action="append", default=[], metavar="PUB",
+                   help="require model.sig to be signed by this EC public key (PEM; repeatable: any of them)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("sign", help="sign a verified artifact with an EC private key (writes model.sig)")
+    p.add_argument("artifact_dir")
+    p.add_argument("--private-key", required=True, metavar="KEY",
+                   help="EC private key, PEM (an encrypted one reads $KWANZAA_ADAPTER_SIGNING_KEY_PASSWORD)")
+    p.add_argument("--public-key", metavar="PUB", help="verify the new signature with this public key")
+    p.add_argument("--replace", action="store_true", help="replace an existing signature")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("keygen", help="make an EC P-256 key pair for signing: OUT and OUT.pub")
+    p.add_argument("out", help="private key file to create (the public key is OUT.pub)")
+    p.set_defaults(func=cmd_keygen)
 
     p = sub.add_parser("info", help="an artifact's metadata and metrics as a table")
     p.add_argument("artifact_dir")
@@ -297,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new directory to download into")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI, e.g. sqlite:///outputs/RUN/mlflow.db (default $MLFLOW_TRACKING_URI)")
+    _trusted_key_argument(p)
     p.set_defaults(func=cmd_registry_pull)
 
     p = sub.add_parser("prepare-model", help="resolve a model reference; convert GGUF/packaged models once")
@@ -312,7 +361,14 @@ def _model_arguments(p, adapter_required: bool = False) -> None:
     p.add_argument("--adapter", required=adapter_required, help="artifact directory (verified before it is loaded)")
     p.add_argument("--allow-base-mismatch", action="store_true",
                    help="load the adapter even on a base model with another digest than it was trained on")
+    _trusted_key_argument(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
+
+
+def _trusted_key_argument(p) -> None:
+    p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
+                   help="load only an adapter signed by this EC public key (repeatable; adds to "
+                        "artifacts.trusted_keys)")
 
 
 def _add_backend_parsers(sub) -> None:

@@ -163,6 +163,12 @@ class ArtifactConfig(_Section):
     license: str = Field(default="apache-2.0", description="License in the model card.")
     tags: list[str] = Field(default_factory=lambda: ["kwanzaa", "rag", "citations", "qlora"],
                             description="Model-card tags.")
+    signing: str | None = Field(default=None, min_length=1,
+                                description="Private key (EC PEM) that signs the artifact in step 7 (model.sig); "
+                                            "null: unsigned.")
+    trusted_keys: list[str] = Field(default_factory=list,
+                                    description="Public keys (EC PEM) the backend accepts signatures of; "
+                                                "empty: no signature required.")
 
 
 class MlflowConfig(_Section):

@@ -140,7 +140,7 @@ class TrainedBase:
 
 def export_merged(adapter: str | Path, out: str | Path, config: KwanzaaConfig | None = None, *,
                   tolerance: float | None = None, as_trained_tolerance: float | None = None,
-                  allow_base_mismatch: bool = False) -> ExportResult:
+                  allow_base_mismatch: bool = False, trusted_keys: tuple = ()) -> ExportResult:
     """Merge the verified adapter into its de-quantized base and write the checked model to `out`.
 
     `config` defaults to the artifact's own training_config.yaml (the base model it was trained on);
@@ -148,7 +148,9 @@ def export_merged(adapter: str | Path, out: str | Path, config: KwanzaaConfig | 
     (merged vs the model as trained) to the rule of AS_TRAINED_EPS.
     """
     adapter, out = Path(adapter), Path(out)
-    verified = verify_adapter_artifact(adapter)
+    # Trusted keys come from the caller and the caller's config, never from the artifact's own config.
+    trusted = (*trusted_keys, *(config.artifacts.trusted_keys if config else ()))
+    verified = verify_adapter_artifact(adapter, trusted)
     if config is None:
         config = config_from_yaml_text((adapter / "training_config.yaml").read_text(encoding="utf-8"),
                                        str(adapter / "training_config.yaml"))
@@ -182,7 +184,7 @@ def load_as_trained(config: KwanzaaConfig, verified: VerifiedArtifact, device: s
     precision = verified.trained_precision or run_precision(config, device).resolved
     base, tokenizer, source, digest = load_base_as_trained(config, device, precision)
     adapter_info = check_base_digest(verified, digest, allow_base_mismatch)
-    model = load_verified_adapter(base, verified.path).eval()
+    model = load_verified_adapter(base, verified.path, verified.trusted_keys).eval()
     # Computing in float32, as the merged model does: bf16/fp16 -> fp32 is exact, and the comparison
     # then measures what de-quantizing and merging changed, not the rounding of the activations.
     set_compute_precision(model, torch.float32)
@@ -203,7 +205,7 @@ def dequantized_with_adapter(model, config: KwanzaaConfig, verified: VerifiedArt
     base = model.unload()  # the LoRA layers removed
     if config.quantization.load_in_4bit:
         base = base.dequantize(dtype=torch.float32)
-    return load_verified_adapter(base.to(torch.float32), verified.path).eval()
+    return load_verified_adapter(base.to(torch.float32), verified.path, verified.trusted_keys).eval()
 
 
 def as_trained_tolerance_for(config: KwanzaaConfig, precision: str, largest_logit: float) -> tuple[float, str]:

@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -429,12 +430,15 @@ class AdapterVerificationError(Exception):
     """An adapter artifact failed verification and was not loaded (exit 1)."""
 
 
-def load_verified_adapter(model, artifact_dir: str | Path):
-    """Wrap `model` with the adapter of `artifact_dir`, only after the artifact passes `verify`."""
+def load_verified_adapter(model, artifact_dir: str | Path, trusted_keys: Sequence[str | Path] = ()):
+    """Wrap `model` with the adapter of `artifact_dir`, only after the artifact passes `verify` (and,
+    with trusted keys, after one of them is found to have signed it): checked again at the last moment."""
     from peft import PeftModel
 
     from kwanzaa_adapter.artifacts import verify_artifact
+    from kwanzaa_adapter.signing import require_trusted_signature
 
+    require_trusted_signature(artifact_dir, trusted_keys)
     report = verify_artifact(Path(artifact_dir))
     if not report.ok:
         raise AdapterVerificationError(f"refusing to load the adapter in {artifact_dir}:\n{report.format()}")

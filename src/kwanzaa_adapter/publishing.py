@@ -22,6 +22,7 @@ from kwanzaa_adapter.evaluation import plot_comparison
 from kwanzaa_adapter.faults import fault_point
 from kwanzaa_adapter.modeling import file_sha256
 from kwanzaa_adapter.monitoring import plot_training_curves
+from kwanzaa_adapter.signing import SIGNATURE_NAME, private_key_fingerprint, sign_directory
 from kwanzaa_adapter.verification import verify_adapter_state_dict
 
 ARTIFACT_FORMAT = "kwanzaa-adapter.artifact.v1"
@@ -102,6 +103,8 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         "precision": bundle.precision.as_json(),  # model.precision as resolved, with the CPU probe
         "notes": outcome.notes,
         "final_metrics": final_metrics(outcome, behavioral),
+        "signing": {"signature": SIGNATURE_NAME, "public_key_sha256": private_key_fingerprint(config.artifacts.signing)}
+        if config.artifacts.signing else None,
     }
 
 
@@ -125,6 +128,15 @@ def _fmt(value) -> str:
     if value is None:
         return "n/a"
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def signed_usage(metadata: dict) -> str:
+    """The verify flag and the line of the model card for a signed artifact; nothing for an unsigned one."""
+    if not metadata.get("signing"):
+        return ""
+    key = metadata["signing"]["public_key_sha256"]
+    return (f" --public-key signing_key.pub\n# {SIGNATURE_NAME}: signed by the EC key whose public PEM has SHA-256 "
+            f"{key[:16]}...; serve with --trusted-key")
 
 
 def generate_adapter_readme(config, metadata: dict, with_comparison: bool) -> str:
@@ -163,7 +175,7 @@ not hold the answer. Trained with kwanzaa-adapter {metadata['versions']['kwanzaa
 Verified load (checks every file against `checksums.json` first):
 
 ```bash
-kwanzaa-adapter verify {config.run_dir / 'final_artifact'}
+kwanzaa-adapter verify {config.run_dir / 'final_artifact'}{signed_usage(metadata)}
 kwanzaa-adapter eval --config <config> --adapter {config.run_dir / 'final_artifact'}
 ```
 
@@ -240,6 +252,8 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
         (staging / "training_metrics.json").write_text(json.dumps(training_metrics, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(generate_adapter_readme(config, metadata, bool(behavior)))
         seal_artifact(staging)
+        if config.artifacts.signing:
+            sign_directory(staging, config.artifacts.signing)  # over every file, checksums.json included
         if check is not None:
             check(staging)
     results = {"artifact": str(run.artifact_path), "metadata": metadata, "training_metrics": training_metrics,

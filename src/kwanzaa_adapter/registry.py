@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from kwanzaa_adapter.artifacts import MANIFEST_NAME, Mismatch, VerificationReport, sha256_file, verify_artifact
+from kwanzaa_adapter.signing import require_trusted_signature
 
 ARTIFACT_PATH = "final_artifact"  # where the artifact sits in the MLflow run
 LOCAL_STORE = "mlflow.db"
@@ -109,8 +110,9 @@ def publish_artifact(config, artifact_dir: Path) -> dict:
     return published
 
 
-def pull_model_version(name: str, version: str, out: Path, uri: str) -> VerificationReport:
-    """Download a registered version into `out` and verify it; the registry's manifest digest must match too."""
+def pull_model_version(name: str, version: str, out: Path, uri: str, trusted_keys: tuple = ()) -> VerificationReport:
+    """Download a registered version into `out` and verify it; the registry's manifest digest must match too,
+    and with trusted keys the signature must be one of theirs (SignatureError)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -125,6 +127,7 @@ def pull_model_version(name: str, version: str, out: Path, uri: str) -> Verifica
     except MlflowException as exc:
         raise RegistryError(f"{uri}: cannot pull model '{name}' version {version}: "
                             f"{str(exc).splitlines()[0]}") from None
+    require_trusted_signature(location, trusted_keys)
     report = verify_artifact(Path(location))
     expected = record.tags.get(MANIFEST_TAG)
     actual = sha256_file(Path(location) / MANIFEST_NAME)[0] if (Path(location) / MANIFEST_NAME).is_file() else None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import enable_full_determinism, set_seed
 
-from kwanzaa_adapter import modeling
+from kwanzaa_adapter import modeling, signing
 from kwanzaa_adapter.artifacts import verify_artifact
 from kwanzaa_adapter.behavior import BehaviorReport, measure_behavior
 from kwanzaa_adapter.checkpointing import RunIdentity
@@ -102,7 +102,7 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         if not ranks.is_main:
             return TrainResult(run.path, None, run.version, outcome.summary)
         artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior)  # 7
-        validate_artifact(artifact)  # 8
+        validate_artifact(artifact, run.signing_key_path if config.artifacts.signing else None)  # 8
         published = monitor.publish(artifact)  # MLflow run and model registry, once the artifact is valid
     return TrainResult(run.path, artifact, run.version, outcome.summary, behavior, published)
 
@@ -115,6 +115,8 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
         load_examples(path, config.data.system_prompt)  # raises DataError listing every bad line
     modeling.resolve_model_reference(config.model.name_or_path, config.model.revision)
     check_backends(config)  # a missing MLflow / W&B package or login fails here, not mid-run
+    if config.artifacts.signing:  # an unreadable or wrong key fails here, not after training
+        signing.private_key_fingerprint(config.artifacts.signing)
     return config
 
 
@@ -218,13 +220,17 @@ def verify_weights(bundle: ModelBundle, run: RunDirectory, ranks: Ranks = Ranks(
 
 
 def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior) -> Path:
-    """Step 7: final_artifact/ written to a temporary directory, verified there, and renamed into place."""
+    """Step 7: final_artifact/ written to a temporary directory, signed where configured, verified
+    there, and renamed into place."""
+    public_key = signing.write_public_key(config.artifacts.signing, run.signing_key_path) \
+        if config.artifacts.signing else None
     return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior,
-                                 check=validate_artifact)
+                                 check=lambda staging: validate_artifact(staging, public_key))
 
 
-def validate_artifact(artifact: Path) -> None:
-    """Step 8: completeness and integrity, exactly as `kwanzaa-adapter verify` checks them.
+def validate_artifact(artifact: Path, public_key: Path | None = None) -> None:
+    """Step 8: completeness and integrity, exactly as `kwanzaa-adapter verify` checks them, and the
+    signature against the signing key's public half when the run signs.
 
     Run on the staging directory before publication (so a failure or a crash here publishes
     nothing) and again on the published copy.
@@ -233,3 +239,7 @@ def validate_artifact(artifact: Path) -> None:
     report = verify_artifact(artifact)
     if not report.ok:
         raise ArtifactInvalidError(f"{artifact}: artifact failed verification:\n{report.format()}")
+    if public_key is not None:
+        signed = signing.verify_signature(artifact, [public_key])
+        if not signed.ok:
+            raise ArtifactInvalidError(f"{artifact}: artifact failed verification:\n{signed.format()}")

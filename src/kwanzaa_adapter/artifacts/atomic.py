@@ -11,6 +11,7 @@ from pathlib import Path
 
 from kwanzaa_adapter.artifacts.manifest import (
     MANIFEST_NAME,
+    SIGNATURE_NAME,
     ArtifactError,
     Manifest,
     build_manifest,
@@ -63,8 +64,8 @@ def atomic_directory(final_dir: str | Path) -> Iterator[Path]:
 
 
 def seal_artifact(directory: str | Path) -> Manifest:
-    """Write `checksums.json` over every other file of `directory` and return the manifest."""
+    """Write `checksums.json` over every other file of `directory` but a signature; return the manifest."""
     directory = Path(directory)
-    manifest = build_manifest(directory, exclude=(MANIFEST_NAME,))
+    manifest = build_manifest(directory, exclude=(MANIFEST_NAME, SIGNATURE_NAME))
     write_manifest(manifest, directory / MANIFEST_NAME)
     return manifest

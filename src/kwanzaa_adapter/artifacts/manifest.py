@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 MANIFEST_NAME = "checksums.json"
+# The OpenSSF model-signing signature (signing.py): it covers checksums.json, which does not list it.
+SIGNATURE_NAME = "model.sig"
 CHUNK_SIZE = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -109,7 +111,7 @@ def scan_directory(directory: Path) -> tuple[list[str], list[PathRejection]]:
     return sorted(files), sorted(rejected, key=lambda r: r.path)
 
 
-def build_manifest(directory: str | Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> Manifest:
+def build_manifest(directory: str | Path, exclude: tuple[str, ...] = (MANIFEST_NAME, SIGNATURE_NAME)) -> Manifest:
     """Hash every regular file under `directory` except the relative paths in `exclude`."""
     directory = Path(directory)
     if not directory.is_dir():

@@ -7,6 +7,7 @@ from pathlib import Path, PurePosixPath
 
 from kwanzaa_adapter.artifacts.manifest import (
     MANIFEST_NAME,
+    SIGNATURE_NAME,
     ArtifactError,
     PathRejection,
     parse_manifest,
@@ -150,7 +151,7 @@ def verify_artifact(
             else:
                 missing.add(entry.path)
         listed = {r.path for r in rejected if "listed more than once" in r.reason} | manifest.paths
-        extra = disk - listed - {MANIFEST_NAME}
+        extra = disk - listed - {MANIFEST_NAME, SIGNATURE_NAME}  # signing.py checks the signature
 
     unique_rejected = {(r.path, r.reason): r for r in rejected}
     return VerificationReport(

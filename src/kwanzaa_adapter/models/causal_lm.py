@@ -33,6 +33,7 @@ from kwanzaa_adapter.modeling import (
     set_compute_precision,
 )
 from kwanzaa_adapter.precision import PRECISIONS
+from kwanzaa_adapter.signing import require_trusted_signature
 from kwanzaa_adapter.verification import compute_model_state_checksum
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class VerifiedArtifact:
     path: Path
     metadata: dict
     report: str
+    trusted_keys: tuple = ()  # the keys its signature was checked against; checked again at load
 
     @property
     def trained_base_digest(self) -> str:
@@ -73,9 +75,11 @@ class VerifiedArtifact:
         return resolved if resolved in PRECISIONS else None
 
 
-def verify_adapter_artifact(artifact: str | Path) -> VerifiedArtifact:
-    """Verify the artifact (AdapterVerificationError with the diff), then read its metadata."""
+def verify_adapter_artifact(artifact: str | Path, trusted_keys: Sequence[str | Path] = ()) -> VerifiedArtifact:
+    """Verify the signature (with trusted keys; SignatureError) and the checksums (AdapterVerificationError
+    with the diff), then read the metadata."""
     artifact = Path(artifact)
+    require_trusted_signature(artifact, trusted_keys)
     report = verify_artifact(artifact)
     if not report.ok:
         raise AdapterVerificationError(f"refusing to load the adapter in {artifact}:\n{report.format()}")
@@ -84,7 +88,7 @@ def verify_adapter_artifact(artifact: str | Path) -> VerifiedArtifact:
     if not isinstance(digest, str):
         raise ArtifactError(f"{artifact / 'metadata.json'}: base_model.model_digest is missing; "
                             "the artifact was not made by `kwanzaa-adapter train`")
-    return VerifiedArtifact(artifact, metadata, report.format())
+    return VerifiedArtifact(artifact, metadata, report.format(), tuple(trusted_keys))
 
 
 def base_digest_as_trained(model, config: KwanzaaConfig) -> str:
@@ -241,10 +245,13 @@ class CausalLMModel:
     model_types: frozenset[str] | None = None  # accepted `config.model_type`s; None accepts any
 
     def __init__(self, config: KwanzaaConfig, adapter: str | Path | None = None, *,
-                 allow_base_mismatch: bool = False, device: str | None = None):
+                 allow_base_mismatch: bool = False, device: str | None = None,
+                 trusted_keys: Sequence[str | Path] = ()):
         self.config = config
         self.device = resolve_device(device or config.training.device)
-        verified = verify_adapter_artifact(adapter) if adapter is not None else None  # before the base loads
+        # Keys given here and artifacts.trusted_keys: with any, only an adapter one of them signed loads.
+        trusted = (*trusted_keys, *config.artifacts.trusted_keys)
+        verified = verify_adapter_artifact(adapter, trusted) if adapter is not None else None  # before the base loads
         self.precision = run_precision(config, self.device)
         # The base is loaded as the adapter was trained, so that its digest can prove it is that base;
         # then it computes in the precision this machine runs fast (set_compute_precision).
@@ -254,7 +261,7 @@ class CausalLMModel:
         self.adapter: AdapterInfo | None = None
         if adapter is not None:
             self.adapter = check_base_digest(verified, self.base_digest, allow_base_mismatch)
-            model = load_verified_adapter(model, adapter)
+            model = load_verified_adapter(model, adapter, trusted)
         if loaded_as != self.precision.resolved:
             set_compute_precision(model, self.precision.dtype)
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
