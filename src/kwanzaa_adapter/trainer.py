@@ -249,6 +249,19 @@ def schedule_arguments(config: KwanzaaConfig) -> dict:
     }
 
 
+def checkpointing_arguments(enabled: bool, arguments_class=None) -> dict:
+    """Gradient checkpointing for TrainingArguments under the name this transformers knows: 5.24 calls it
+    `activation_checkpointing` (the old name warns), 5.17 (the GPU machine's) only `gradient_checkpointing`."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(arguments_class or TrainingArguments)}
+    prefix = "activation" if "activation_checkpointing" in names else "gradient"
+    return {f"{prefix}_checkpointing": enabled,
+            f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str,
                              gradient_checkpointing: bool, precision: str = "float32") -> TrainingArguments:
     """The Trainer's arguments; `precision` is the resolved model.precision (it sets autocast)."""
@@ -260,8 +273,7 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         max_steps=t.max_steps,
         per_device_eval_batch_size=t.per_device_batch_size,
         optim=optimizer,
-        activation_checkpointing=gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        **checkpointing_arguments(gradient_checkpointing),
         logging_steps=t.logging_steps,
         eval_strategy="steps",
         eval_steps=e.eval_steps,
