@@ -42,6 +42,7 @@ def running(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+        app.state.engine.close(0)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_api_key_guards_every_route_but_healthz(keyed):
     assert response.status_code == 200
 
 
-def test_concurrent_requests_are_served_one_generation_at_a_time(server, model, monkeypatch):
+def test_concurrent_requests_share_one_generation_and_never_overlap(server, model, monkeypatch):
     generate, guard = model.model.generate, threading.Lock()
     count = {"calls": 0, "in_flight": 0, "most": 0}
 
@@ -204,7 +205,9 @@ def test_concurrent_requests_are_served_one_generation_at_a_time(server, model, 
         responses = list(pool.map(ask, range(3)))  # a thread's exception is raised here
     assert [response.status_code for response in responses] == [200, 200, 200]
     assert len({r.json()["choices"][0]["message"]["content"] for r in responses}) == 1  # greedy: one reply
-    assert count["calls"] == 3 and count["most"] == 1
+    # Arriving together, they were generated in batches, never two generations at once.
+    # (A request that missed the first batch waits out its 0.2 s and joins the next: two calls at most.)
+    assert count["calls"] <= 2 and count["most"] == 1
     assert not model.lock.locked()
 
 

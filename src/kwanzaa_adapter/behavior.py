@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.constrained import SchemaGrammar
 from kwanzaa_adapter.evaluation import (
     EvalRun,
     comparison_json,
@@ -53,7 +54,9 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
     """Generate on the eval items with the base model and, when `with_adapter`, with the adapter too."""
     items = load_eval_items(data_file or config.data.eval_file, config.data.system_prompt,
                             max_examples=config.evaluation.max_examples)
-    options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size)
+    grammar = SchemaGrammar(tokenizer) if config.evaluation.constrained_decoding else None
+    options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size,
+                   grammar=grammar)
     log.info("behavioral evaluation on %d examples", len(items))
     started = time.perf_counter()
     if with_adapter:

@@ -226,7 +226,7 @@ def cmd_generate(args) -> int:
     from kwanzaa_adapter.console import answer_records, read_records
 
     model, items = _load_model(args, lambda config: read_records(args.input, config.data.system_prompt))
-    for line in answer_records(model, items):
+    for line in answer_records(model, items, constrained=args.constrained):
         print(json.dumps(line, ensure_ascii=False), flush=True)
     return EXIT_OK
 
@@ -250,6 +250,7 @@ def cmd_serve(args) -> int:
         LOOPBACK_HOSTS,
         SERVE_EXTRA_MISSING,
         ServeLimits,
+        ServeOptions,
         api_key_from_environment,
         serve,
         serve_extra_installed,
@@ -264,8 +265,11 @@ def cmd_serve(args) -> int:
     api_key = api_key_from_environment()
     if args.host not in LOOPBACK_HOSTS and api_key is None:
         print(f"warning: serving on {args.host} without an API key; set KWANZAA_ADAPTER_API_KEY", file=sys.stderr)
+    options = ServeOptions(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                           queue_timeout_s=args.queue_timeout, gather_ms=args.gather_ms,
+                           shutdown_grace_s=args.shutdown_grace, default_system_prompt=not args.no_system_prompt)
     model, _ = _load_model(args)
-    serve(model, args.host, args.port, limits, api_key)
+    serve(model, args.host, args.port, limits, api_key, options)
     return EXIT_OK
 
 
@@ -371,12 +375,25 @@ def _trusted_key_argument(p) -> None:
                         "artifacts.trusted_keys)")
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def _add_backend_parsers(sub) -> None:
-    from kwanzaa_adapter.serving import ServeLimits
+    from kwanzaa_adapter.serving import ServeLimits, ServeOptions
 
     p = sub.add_parser("generate", help="answer each RAG record of a JSONL file; one JSON line per record")
     _model_arguments(p)
     p.add_argument("--input", required=True, help="JSONL of RAG records (or chat lines with meta.documents)")
+    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold each answer to the contract's JSON Schema (default on; --no-constrained: the "
+                        "adapter's own output)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive questions over documents, answers streamed")
@@ -395,6 +412,19 @@ def _add_backend_parsers(sub) -> None:
                             ("max_new_tokens", "generated tokens per request")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(limits, name),
                        help=f"limit on {help_text} (default %(default)s)")
+    options = ServeOptions()
+    p.add_argument("--max-batch-size", type=_positive(int), default=options.max_batch_size,
+                   help="requests generated together (default %(default)s; 1: one at a time)")
+    p.add_argument("--max-queue", type=_positive(int), default=options.max_queue,
+                   help="requests that may wait; beyond, 429 with Retry-After (default %(default)s)")
+    p.add_argument("--queue-timeout", type=_positive(float), default=options.queue_timeout_s, metavar="SECONDS",
+                   help="longest wait for a batch; beyond, 503 (default %(default)s)")
+    p.add_argument("--gather-ms", type=float, default=options.gather_ms,
+                   help="how long a batch's first request waits for company (default %(default)s)")
+    p.add_argument("--shutdown-grace", type=float, default=options.shutdown_grace_s, metavar="SECONDS",
+                   help="on SIGTERM, time given to answers in flight (default %(default)s)")
+    p.add_argument("--no-system-prompt", action="store_true",
+                   help="do not add the training system prompt to chat requests that bring none")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="merge the adapter into its de-quantized base; check logits against the "

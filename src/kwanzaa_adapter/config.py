@@ -152,6 +152,9 @@ class EvaluationConfig(_Section):
     max_new_tokens: int = Field(default=256, gt=0, le=65536, description="Generation limit per answer.")
     batch_size: int = Field(default=8, gt=0, le=65536, description="Prompts per generation batch.")
     max_examples: int | None = Field(default=None, gt=0, le=10**9, description="Evaluate only the first N examples.")
+    constrained_decoding: bool = Field(
+        default=False, description="Hold every generated answer to the contract's JSON Schema (llguidance): "
+                                   "evaluation, `generate`, `/v1/answer`.")
 
 
 class CheckpointConfig(_Section):

@@ -23,9 +23,10 @@ def read_records(path: str | Path, system_prompt: str) -> list[EvalItem]:
     return items
 
 
-def answer_records(model: CausalLMModel, items: Sequence[EvalItem], progress: bool = True) -> Iterator[dict]:
+def answer_records(model: CausalLMModel, items: Sequence[EvalItem], progress: bool = True,
+                   constrained: bool | None = None) -> Iterator[dict]:
     """One JSON-ready line per record, in file order: {"id", "answer" | "error"}."""
-    results = model.answer_prompts([item.prompt for item in items], progress=progress)
+    results = model.answer_prompts([item.prompt for item in items], progress=progress, constrained=constrained)
     for item, result in zip(items, results):
         yield {"id": item.id, **result.to_json()}
 

@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from kwanzaa_adapter.answer import parse_answer
+from kwanzaa_adapter.constrained import SchemaGrammar, ContractLogits
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT, ChatExample, Document, RagRecord, render_record
 from kwanzaa_adapter.metrics import Example, aggregate, score_example
 
@@ -156,11 +157,13 @@ def generate(
     max_new_tokens: int,
     batch_size: int,
     progress: bool = True,
+    grammar: SchemaGrammar | None = None,
 ) -> GenerationResult:
     """Greedy, batched decoding of chat prompts; outputs come back in prompt order.
 
     Prompts are sorted by length so each batch pads little; decoding stops at the end-of-turn
-    token, and only the new tokens are decoded and counted (padding after it is not).
+    token, and only the new tokens are decoded and counted (padding after it is not). With a
+    `grammar`, every output is held to the answer contract (constrained decoding).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}")
@@ -179,6 +182,7 @@ def generate(
             indices = order[first : first + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(device)
             prompt_length = batch["input_ids"].shape[1]
+            constrained = [ContractLogits(grammar, len(indices), prompt_length, stop_ids)] if grammar else []
             generated = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
@@ -187,6 +191,7 @@ def generate(
                 pad_token_id=pad_id,
                 use_cache=True,
                 stopping_criteria=StoppingCriteriaList([NotAJsonObject(tokenizer, prompt_length)]),
+                logits_processor=LogitsProcessorList(constrained),
             )
             for row, index in zip(generated[:, prompt_length:].tolist(), indices):
                 tokens, stopped = _until_stop(row, [*stop_ids, pad_id])
@@ -266,12 +271,12 @@ def _eval_mode(model) -> Iterator[None]:
 
 def evaluate(
     model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int, label: str,
-    progress: bool = True,
+    progress: bool = True, grammar: SchemaGrammar | None = None,
 ) -> EvalRun:
     """Generate for every item, score each output with `metrics.score_example`, aggregate the rates."""
     result = generate(
         model, tokenizer, [item.prompt for item in items],
-        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
     )
     rows = [_row(item, output, label) for item, output in zip(items, result.outputs)]
     return EvalRun(label, aggregate(rows), rows, result.tokens_per_second)
@@ -287,9 +292,10 @@ def _row(item: EvalItem, output: str, label: str) -> dict:
 def evaluate_base_and_adapter(
     peft_model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int,
     base_label: str = "base", adapter_label: str = "adapter", progress: bool = True,
+    grammar: SchemaGrammar | None = None,
 ) -> tuple[EvalRun, EvalRun]:
     """Evaluate the base model (adapter disabled) and the adapted model, from one loaded PeftModel."""
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar)
     with peft_model.disable_adapter():
         base_run = evaluate(peft_model, tokenizer, items, label=base_label, **settings)
     adapter_run = evaluate(peft_model, tokenizer, items, label=adapter_label, **settings)

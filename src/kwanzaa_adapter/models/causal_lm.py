@@ -7,6 +7,7 @@ one in the artifact's metadata. Prompts come from `render_record`, the renderer 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -20,6 +21,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from kwanzaa_adapter.answer import Answer, parse_answer
 from kwanzaa_adapter.artifacts import ArtifactError, verify_artifact
 from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.constrained import SchemaGrammar
 from kwanzaa_adapter.data.records import Document, RagRecord, render_record
 from kwanzaa_adapter.evaluation import end_of_turn_ids, generate
 from kwanzaa_adapter.modeling import (
@@ -312,15 +314,24 @@ class CausalLMModel:
         return ids
 
     def answer_prompts(self, prompts: Sequence[list[dict]], max_new_tokens: int | None = None,
-                       progress: bool = False) -> list[AnswerResult]:
-        """Batched greedy generation (evaluation settings), each output parsed into the contract."""
+                       progress: bool = False, constrained: bool | None = None) -> list[AnswerResult]:
+        """Batched greedy generation (evaluation settings), each output parsed into the contract;
+        `constrained` (default evaluation.constrained_decoding) holds every output to the contract."""
+        if constrained is None:
+            constrained = self.config.evaluation.constrained_decoding
         if not prompts:
             return []
         with self.lock:
             result = generate(self.model, self.tokenizer, prompts,
                               max_new_tokens=max_new_tokens or self.config.evaluation.max_new_tokens,
-                              batch_size=self.config.evaluation.batch_size, progress=progress)
+                              batch_size=self.config.evaluation.batch_size, progress=progress,
+                              grammar=self.contract_grammar if constrained else None)
         return [AnswerResult.from_output(raw) for raw in result.outputs]
+
+    @functools.cached_property
+    def contract_grammar(self) -> SchemaGrammar:
+        """The answer contract as a grammar for this model's tokenizer (constrained decoding)."""
+        return SchemaGrammar(self.tokenizer)
 
     # --- chat
 
