@@ -23,7 +23,7 @@ PRINCIPLES = ["Umoja", "Kujichagulia", "Ujima", "Ujamaa", "Nia", "Kuumba", "Iman
 
 
 def default_model_dir() -> Path:
-    from kwanzaa_adapter.modeling import convert_gguf, locate_packaged_gguf
+    from kwanzaa_adapter.model_sources import convert_gguf, locate_packaged_gguf
 
     return convert_gguf(locate_packaged_gguf("smollm2-135m-instruct"))
 

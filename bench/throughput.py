@@ -238,7 +238,7 @@ def matmul_peak(dtype: str, size: int = 2048, repeats: int = 5) -> float:
 
 def machine_precision(config_path: Path, overrides: list[str]) -> dict:
     """The config's model.precision resolved on this CPU, the probe behind it, and the CPU class it implies."""
-    from kwanzaa_adapter import modeling
+    from kwanzaa_adapter import model_sources, modeling
     from kwanzaa_adapter.precision import FAST_FACTOR, machine_identity
 
     config = load_config(config_path, overrides)
@@ -248,9 +248,9 @@ def machine_precision(config_path: Path, overrides: list[str]) -> dict:
     if probe is None or "bfloat16" not in probe.gflops:  # an explicit fp32 measures nothing; ask the probe
         from kwanzaa_adapter.precision import cached_probe, probe_shape
 
-        arch, _ = modeling.resolve_architecture(config, modeling.resolve_model_reference(config.model.name_or_path))
+        arch, _ = modeling.resolve_architecture(config, model_sources.resolve_model_reference(config.model.name_or_path))
         probe, _ = cached_probe(probe_shape(arch.hidden_size, arch.intermediate_size), ("float32", "bfloat16"),
-                                modeling.cache_root() / "precision")
+                                model_sources.cache_root() / "precision")
     fast = probe.speedup("bfloat16") >= FAST_FACTOR
     restricted = f", kernels limited by {identity['isa_environment']}" if identity["isa_environment"] else ""
     cpu_class = (f"{'bf16-fast (AVX512-BF16/AMX)' if fast else 'AVX2 (bf16 emulated)'}: {identity['cpu']}, "
@@ -412,13 +412,13 @@ def train_trl(work: Path, config_path: Path, overrides: list[str], probe, tuned:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from kwanzaa_adapter import modeling
+    from kwanzaa_adapter import model_sources, modeling
     from kwanzaa_adapter.data.validation import load_examples
     from kwanzaa_adapter.trainer import schedule_arguments
 
     config = load_config(config_path, overrides)
     precision = config.model.precision  # set by the parent to the resolved one
-    location = modeling.materialize(modeling.resolve_model_reference(config.model.name_or_path))
+    location = model_sources.materialize(model_sources.resolve_model_reference(config.model.name_or_path))
     tokenizer = AutoTokenizer.from_pretrained(location)
     model = AutoModelForCausalLM.from_pretrained(
         location, quantization_config=modeling.quantization_config(config, precision), dtype=getattr(torch, precision),

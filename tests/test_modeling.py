@@ -10,16 +10,14 @@ import torch
 
 from conftest import ROOT, build_tiny_model, packaged_gguf_path, write_run_config
 from kwanzaa_adapter.config import ConfigError, load_training_config
-from kwanzaa_adapter.modeling import (
+from kwanzaa_adapter.model_sources import (
     CONVERSION_RECORD,
     ModelReferenceError,
-    add_adapter,
     file_sha256,
-    load_base_model,
-    run_precision,
     materialize,
     resolve_model_reference,
 )
+from kwanzaa_adapter.modeling import add_adapter, load_base_model, run_precision
 from kwanzaa_adapter.models.causal_lm import base_digest_as_trained
 from kwanzaa_adapter.verification import compute_model_state_checksum, verify_only_adapter_trainable
 

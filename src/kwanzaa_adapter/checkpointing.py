@@ -40,7 +40,7 @@ class RunIdentity:
 
     @classmethod
     def of_run(cls, config, baseline: dict) -> "RunIdentity":
-        from kwanzaa_adapter.modeling import file_sha256
+        from kwanzaa_adapter.model_sources import file_sha256
 
         files = {"train": config.data.train_file, "eval": config.data.eval_file}
         return cls(config.digest(), {split: file_sha256(Path(path)) for split, path in files.items()},

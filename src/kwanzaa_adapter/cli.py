@@ -21,7 +21,7 @@ def _bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.config import ConfigError
     from kwanzaa_adapter.data.validation import DataError
     from kwanzaa_adapter.evaluation import EvaluationDataError
-    from kwanzaa_adapter.modeling import ModelReferenceError
+    from kwanzaa_adapter.model_sources import ModelReferenceError
     from kwanzaa_adapter.registry import RegistryError
     from kwanzaa_adapter.rundir import RunDirectoryError
 
@@ -71,7 +71,9 @@ def cmd_eval(args) -> int:
     if args.data and not Path(args.data).is_file():
         raise FileNotFoundError(args.data)
     # The backend's path: the adapter verified, and loaded only onto the base model it was trained on.
-    served, _ = _load_model(args)
+    from kwanzaa_adapter.cli_backend import load_model
+
+    served, _ = load_model(args)
     report = measure_behavior(served.config, served.model, served.tokenizer, args.data,
                               with_adapter=bool(args.adapter))
     print(report.table())
@@ -143,7 +145,8 @@ def cmd_validate_data(args) -> int:
     tokenizer = None
     if args.config:
         from kwanzaa_adapter.config import load_training_config
-        from kwanzaa_adapter.modeling import load_tokenizer, materialize, resolve_model_reference
+        from kwanzaa_adapter.model_sources import materialize, resolve_model_reference
+        from kwanzaa_adapter.modeling import load_tokenizer
 
         config = load_training_config(args.config)
         source = resolve_model_reference(config.model.name_or_path, config.model.revision)
@@ -183,13 +186,8 @@ def cmd_registry_pull(args) -> int:
 def cmd_prepare_model(args) -> int:
     from transformers import AutoConfig
 
-    from kwanzaa_adapter.modeling import (
-        cache_root,
-        download_hub_model,
-        materialize,
-        resolve_device,
-        resolve_model_reference,
-    )
+    from kwanzaa_adapter.model_sources import cache_root, download_hub_model, materialize, resolve_model_reference
+    from kwanzaa_adapter.modeling import resolve_device
     from kwanzaa_adapter.planning import architecture_from_hf_config
     from kwanzaa_adapter.precision import probe_shape, resolve_precision
 
@@ -206,93 +204,12 @@ def cmd_prepare_model(args) -> int:
 
 # --- backend: model factory, chat, generate, serve, export (SPEC section 8) -----------------
 
-
-def _load_model(args, validate=None):
-    """The config's model class with the verified adapter; `validate` runs first, before any load."""
-    from kwanzaa_adapter.config import load_training_config
-    from kwanzaa_adapter.models import model_from_config
-
-    config = load_training_config(args.config, tuple(args.set))
-    checked = validate(config) if validate else None
-    model = model_from_config(config, adapter=args.adapter, allow_base_mismatch=args.allow_base_mismatch,
-                              trusted_keys=tuple(args.trusted_key))
-    if model.adapter is not None and not model.adapter.base_digest_matches:
-        print(f"warning: base model digest differs from the one {args.adapter} was trained on "
-              "(--allow-base-mismatch)", file=sys.stderr)
-    return model, checked
-
-
-def cmd_generate(args) -> int:
-    from kwanzaa_adapter.console import answer_records, read_records
-
-    model, items = _load_model(args, lambda config: read_records(args.input, config.data.system_prompt))
-    for line in answer_records(model, items, constrained=args.constrained):
-        print(json.dumps(line, ensure_ascii=False), flush=True)
-    return EXIT_OK
-
-
-def cmd_chat(args) -> int:
-    from kwanzaa_adapter.console import load_documents, run_chat
-
-    documents = load_documents(args.documents) if args.documents else []
-    model, _ = _load_model(args)
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    run_chat(model, documents, input, write, args.max_new_tokens)
-    return EXIT_OK
-
-
-def cmd_serve(args) -> int:
-    from kwanzaa_adapter.serving import (
-        LOOPBACK_HOSTS,
-        SERVE_EXTRA_MISSING,
-        ServeLimits,
-        ServeOptions,
-        api_key_from_environment,
-        serve,
-        serve_extra_installed,
-    )
-
-    if not serve_extra_installed():
-        print(f"error: {SERVE_EXTRA_MISSING}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_documents=args.max_documents,
-                         max_question_chars=args.max_question_chars, max_document_chars=args.max_document_chars,
-                         max_new_tokens=args.max_new_tokens)
-    api_key = api_key_from_environment()
-    if args.host not in LOOPBACK_HOSTS and api_key is None:
-        print(f"warning: serving on {args.host} without an API key; set KWANZAA_ADAPTER_API_KEY", file=sys.stderr)
-    options = ServeOptions(max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                           queue_timeout_s=args.queue_timeout, gather_ms=args.gather_ms,
-                           shutdown_grace_s=args.shutdown_grace, default_system_prompt=not args.no_system_prompt)
-    model, _ = _load_model(args)
-    serve(model, args.host, args.port, limits, api_key, options)
-    return EXIT_OK
-
-
-def cmd_export(args) -> int:
-    from kwanzaa_adapter.export import export_merged
-
-    config = None
-    if args.config:
-        from kwanzaa_adapter.config import load_training_config
-
-        config = load_training_config(args.config, tuple(args.set))
-    result = export_merged(args.adapter, args.merge, config, tolerance=args.tolerance,
-                           as_trained_tolerance=args.as_trained_tolerance, allow_base_mismatch=args.allow_base_mismatch,
-                           trusted_keys=tuple(args.trusted_key))
-    print(result.check.summary())
-    print(f"merged model: {result.directory}")
-    return EXIT_OK
-
-
 # --- parser ------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kwanzaa_adapter.cli_backend import add_backend_parsers, model_arguments, trusted_key_argument
+
     parser = argparse.ArgumentParser(prog="kwanzaa-adapter", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="behavioral metrics of the base model and of base+adapter, side by side")
-    _model_arguments(p)
+    model_arguments(p)
     p.add_argument("--data", help="eval JSONL (RAG records, or chat form with meta.documents); default data.eval_file")
     p.add_argument("--output", help="write the metrics JSON here, eval_predictions.jsonl beside it")
     p.set_defaults(func=cmd_eval)
@@ -349,94 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="new directory to download into")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                    help="MLflow tracking URI, e.g. sqlite:///outputs/RUN/mlflow.db (default $MLFLOW_TRACKING_URI)")
-    _trusted_key_argument(p)
+    trusted_key_argument(p)
     p.set_defaults(func=cmd_registry_pull)
 
     p = sub.add_parser("prepare-model", help="resolve a model reference; convert GGUF/packaged models once")
     p.add_argument("reference", help="packaged name, .gguf file, directory or hub id")
     p.set_defaults(func=cmd_prepare_model)
 
-    _add_backend_parsers(sub)
+    add_backend_parsers(sub)
     return parser
-
-
-def _model_arguments(p, adapter_required: bool = False) -> None:
-    p.add_argument("--config", required=not adapter_required, help="run configuration YAML (base model, prompt)")
-    p.add_argument("--adapter", required=adapter_required, help="artifact directory (verified before it is loaded)")
-    p.add_argument("--allow-base-mismatch", action="store_true",
-                   help="load the adapter even on a base model with another digest than it was trained on")
-    _trusted_key_argument(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
-
-
-def _trusted_key_argument(p) -> None:
-    p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
-                   help="load only an adapter signed by this EC public key (repeatable; adds to "
-                        "artifacts.trusted_keys)")
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def _add_backend_parsers(sub) -> None:
-    from kwanzaa_adapter.serving import ServeLimits, ServeOptions
-
-    p = sub.add_parser("generate", help="answer each RAG record of a JSONL file; one JSON line per record")
-    _model_arguments(p)
-    p.add_argument("--input", required=True, help="JSONL of RAG records (or chat lines with meta.documents)")
-    p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
-                   help="hold each answer to the contract's JSON Schema (default on; --no-constrained: the "
-                        "adapter's own output)")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive questions over documents, answers streamed")
-    _model_arguments(p)
-    p.add_argument("--documents", help="JSON file: a list of documents, or an object with a documents list")
-    p.add_argument("--max-new-tokens", type=int, help="generation limit (default evaluation.max_new_tokens)")
-    p.set_defaults(func=cmd_chat)
-
-    limits = ServeLimits()
-    p = sub.add_parser("serve", help="HTTP API: /v1/answer, /v1/chat/completions, /healthz")
-    _model_arguments(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    for name, help_text in (("max_body_bytes", "request body size"), ("max_documents", "documents per request"),
-                            ("max_question_chars", "question length"), ("max_document_chars", "document length"),
-                            ("max_new_tokens", "generated tokens per request")):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(limits, name),
-                       help=f"limit on {help_text} (default %(default)s)")
-    options = ServeOptions()
-    p.add_argument("--max-batch-size", type=_positive(int), default=options.max_batch_size,
-                   help="requests generated together (default %(default)s; 1: one at a time)")
-    p.add_argument("--max-queue", type=_positive(int), default=options.max_queue,
-                   help="requests that may wait; beyond, 429 with Retry-After (default %(default)s)")
-    p.add_argument("--queue-timeout", type=_positive(float), default=options.queue_timeout_s, metavar="SECONDS",
-                   help="longest wait for a batch; beyond, 503 (default %(default)s)")
-    p.add_argument("--gather-ms", type=float, default=options.gather_ms,
-                   help="how long a batch's first request waits for company (default %(default)s)")
-    p.add_argument("--shutdown-grace", type=float, default=options.shutdown_grace_s, metavar="SECONDS",
-                   help="on SIGTERM, time given to answers in flight (default %(default)s)")
-    p.add_argument("--no-system-prompt", action="store_true",
-                   help="do not add the training system prompt to chat requests that bring none")
-    p.set_defaults(func=cmd_serve)
-
-    p = sub.add_parser("export", help="merge the adapter into its de-quantized base; check logits against the "
-                                      "model as trained and the de-quantized base + adapter")
-    _model_arguments(p, adapter_required=True)
-    p.add_argument("--merge", required=True, metavar="OUT", help="new directory for the merged model")
-    p.add_argument("--tolerance", type=float, default=None,
-                   help="max |logit difference| from the de-quantized base + adapter (default 1e-3)")
-    p.add_argument("--as-trained-tolerance", type=float, default=None,
-                   help="max |logit difference| from the model as trained, 4-bit base + adapter (default: 6 x "
-                        "the trained precision's epsilon x the largest |logit|, at least 1e-3)")
-    p.set_defaults(func=cmd_export)
 
 
 def configure_logging(verbose: bool = False) -> None:

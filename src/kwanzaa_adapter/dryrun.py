@@ -11,7 +11,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from kwanzaa_adapter import modeling
+from kwanzaa_adapter import model_sources, modeling
 from kwanzaa_adapter.config import ArchitectureConfig, KwanzaaConfig
 from kwanzaa_adapter.planning import (
     GIB,
@@ -48,7 +48,7 @@ def make_plan(config_path, overrides: tuple[str, ...] = (), output_dir: str | No
     from kwanzaa_adapter.train_adapter import load_configuration
 
     config = load_configuration(config_path, overrides, output_dir)
-    source = modeling.resolve_model_reference(config.model.name_or_path, config.model.revision)
+    source = model_sources.resolve_model_reference(config.model.name_or_path, config.model.revision)
     arch, origin = modeling.resolve_architecture(config, source)
     requested = config.training.device  # a run planned for a GPU is planned here even without one
     device = requested if requested != "auto" else modeling.resolve_device("auto")
@@ -76,9 +76,9 @@ def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCount
 
     try:
         if source.kind == "hub":
-            raise modeling.ModelReferenceError("a hub tokenizer may need a download")
-        tokenizer = modeling.load_tokenizer(modeling.materialize(source), config)
-    except (modeling.ModelReferenceError, OSError) as exc:
+            raise model_sources.ModelReferenceError("a hub tokenizer may need a download")
+        tokenizer = modeling.load_tokenizer(model_sources.materialize(source), config)
+    except (model_sources.ModelReferenceError, OSError) as exc:
         log.info("counting tokens from characters: %s", exc)
         splits = []
         for path in (config.data.train_file, config.data.eval_file):
@@ -94,7 +94,7 @@ def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCount
     for path in (config.data.train_file, config.data.eval_file):
         examples, _ = tokenize_file(path, tokenizer, config.data.max_seq_length,
                                     system_prompt=config.data.system_prompt,
-                                    cache_dir=modeling.cache_root() / "tokenized")
+                                    cache_dir=model_sources.cache_root() / "tokenized")
         splits.append(SplitCounts(tuple((len(e.input_ids), e.supervised_tokens) for e in examples)))
     return splits[0], splits[1], True
 
@@ -110,7 +110,7 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
         if device == "cuda" and not torch.cuda.is_available():
             return None
         probe, _ = cached_probe(probe_shape(arch.hidden_size, arch.intermediate_size), (precision.resolved,),
-                                modeling.cache_root() / "precision", device=device)
+                                model_sources.cache_root() / "precision", device=device)
         peak = probe.peak(precision.resolved) * 1e9
     return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing)
 

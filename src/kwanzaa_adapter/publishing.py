@@ -20,7 +20,7 @@ from kwanzaa_adapter.artifacts import atomic_directory, seal_artifact
 from kwanzaa_adapter.behavior import COMPARISON_PLOT
 from kwanzaa_adapter.evaluation import plot_comparison
 from kwanzaa_adapter.faults import fault_point
-from kwanzaa_adapter.modeling import file_sha256
+from kwanzaa_adapter.model_sources import file_sha256
 from kwanzaa_adapter.monitoring import plot_training_curves
 from kwanzaa_adapter.signing import SIGNATURE_NAME, private_key_fingerprint, sign_directory
 from kwanzaa_adapter.verification import verify_adapter_state_dict

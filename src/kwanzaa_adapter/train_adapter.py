@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import enable_full_determinism, set_seed
 
-from kwanzaa_adapter import modeling, signing
+from kwanzaa_adapter import model_sources, modeling, signing
 from kwanzaa_adapter.artifacts import verify_artifact
 from kwanzaa_adapter.behavior import BehaviorReport, measure_behavior
 from kwanzaa_adapter.checkpointing import RunIdentity
@@ -58,7 +58,7 @@ class ArtifactInvalidError(Exception):
 class ModelBundle:
     model: object
     tokenizer: object
-    source: modeling.ModelSource
+    source: model_sources.ModelSource
     device: str
     parameters: dict
     dtype_changes: list = field(default_factory=list)
@@ -113,7 +113,7 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
     config = load_training_config(config_path, (*overrides, *extra))
     for path in (config.data.train_file, config.data.eval_file):
         load_examples(path, config.data.system_prompt)  # raises DataError listing every bad line
-    modeling.resolve_model_reference(config.model.name_or_path, config.model.revision)
+    model_sources.resolve_model_reference(config.model.name_or_path, config.model.revision)
     check_backends(config)  # a missing MLflow / W&B package or login fails here, not mid-run
     if config.artifacts.signing:  # an unreadable or wrong key fails here, not after training
         signing.private_key_fingerprint(config.artifacts.signing)
@@ -179,7 +179,7 @@ def load_datasets(config: KwanzaaConfig, bundle: ModelBundle, ranks: Ranks = Ran
         with ranks.main_first():  # the main process fills the tokenization cache, the others read it
             examples, report = tokenize_file(path, bundle.tokenizer, config.data.max_seq_length,
                                              system_prompt=config.data.system_prompt,
-                                             cache_dir=modeling.cache_root() / "tokenized")
+                                             cache_dir=model_sources.cache_root() / "tokenized")
         splits[split] = [example.as_features() for example in examples]
         reports[split] = {"file": str(path), **dataclasses.asdict(report)}
         log.info("%s data: %s", split, reports[split])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kwanzaa_adapter.config import KwanzaaConfig
-from kwanzaa_adapter.modeling import ModelReferenceError
+from kwanzaa_adapter.model_sources import ModelReferenceError
 from kwanzaa_adapter.models.ai2 import AI2Model
 from kwanzaa_adapter.models.causal_lm import CausalLMModel
 
