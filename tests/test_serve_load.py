@@ -21,7 +21,7 @@ from kwanzaa_adapter.answer import answer_json_schema
 from kwanzaa_adapter.config import load_training_config
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
 from kwanzaa_adapter.models import model_from_config
-from kwanzaa_adapter.serving import ServeOptions, create_app
+from kwanzaa_adapter.serving import ServeLimits, ServeOptions, create_app
 from test_constrained import inside_grammar
 from test_serve import DOCUMENT, running
 from tiny_artifact import tiny_artifact  # noqa: F401
@@ -192,3 +192,20 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(tiny_artifact, tmp_path)
     # The long answer either completed or was ended, after the grace period, by an error event.
     assert last.get("done") or last["error"]["type"] == "shutting_down", events[-3:]
     assert len(events) > 2
+
+
+def test_a_client_that_goes_away_is_dropped_from_its_batch(model):
+    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 1500, "stream": True}
+    limits = ServeLimits(max_new_tokens=1500)
+    with running(create_app(model, limits)) as url:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            received = [next(lines) for _ in range(6)]  # a few events, then the client hangs up
+        started = time.monotonic()
+        while httpx.get(f"{url}/healthz", timeout=10).json()["queue"]["in_flight"]:
+            assert time.monotonic() - started < 3, "the abandoned answer is still being generated"
+            time.sleep(0.1)
+        tokens = httpx.get(f"{url}/metrics", timeout=10).text
+    generated = float(next(line for line in tokens.splitlines()
+                           if line.startswith("kwanzaa_adapter_generated_tokens_total")).split()[-1])
+    assert any(line.startswith("data: ") for line in received) and generated < 1500

@@ -17,6 +17,7 @@ grace period, then ends the rest with an error event.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -244,7 +245,8 @@ class BatchEngine:
             except Exception as exc:  # noqa: BLE001 - every client of the batch hears of it; the engine goes on
                 log.exception("batch of %d failed", len(batch))
                 for ticket in batch:
-                    ticket.fail(exc)
+                    with contextlib.suppress(Exception):  # one client's broken callback stops no other
+                        ticket.fail(exc)
             seconds = time.monotonic() - started
             self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * seconds
             with self._cond:

@@ -141,7 +141,10 @@ class Pending:
         engine.submit(self.ticket)  # QueueFull / ShuttingDown: the error handlers answer 429 / 503
 
     def _emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+            self.ticket.cancel()
 
     @property
     def first_token_s(self) -> float:
