@@ -194,13 +194,19 @@ def test_sigterm_finishes_what_is_in_flight_and_exits_0(tiny_artifact, tmp_path)
     assert len(events) > 2
 
 
-def test_a_client_that_goes_away_is_dropped_from_its_batch(model):
-    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 1500, "stream": True}
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_is_dropped_from_its_batch(model, stream):
+    body = {"messages": [{"role": "user", "content": "Tell me everything."}], "max_tokens": 1500, "stream": stream}
     limits = ServeLimits(max_new_tokens=1500)
     with running(create_app(model, limits)) as url:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
-            lines = response.iter_lines()
-            received = [next(lines) for _ in range(6)]  # a few events, then the client hangs up
+        if stream:
+            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+                lines = response.iter_lines()
+                received = [next(lines) for _ in range(6)]  # a few events, then the client hangs up
+        else:
+            with pytest.raises(httpx.ReadTimeout):  # the client gives up waiting and closes the connection
+                httpx.post(f"{url}/v1/chat/completions", json=body, timeout=1.0)
+            received = ["data: (none: not streaming)"]
         started = time.monotonic()
         while httpx.get(f"{url}/healthz", timeout=10).json()["queue"]["in_flight"]:
             assert time.monotonic() - started < 3, "the abandoned answer is still being generated"
@@ -209,3 +215,11 @@ def test_a_client_that_goes_away_is_dropped_from_its_batch(model):
     generated = float(next(line for line in tokens.splitlines()
                            if line.startswith("kwanzaa_adapter_generated_tokens_total")).split()[-1])
     assert any(line.startswith("data: ") for line in received) and generated < 1500
+
+
+def test_documents_of_a_chat_request_are_bounded_like_those_of_an_answer(model):
+    too_many = [DOCUMENT] * (ServeLimits().max_documents + 1)
+    with running(create_app(model)) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                              json={"messages": [{"role": "user", "content": "Hi"}], "documents": too_many})
+    assert response.status_code == 413 and "documents: 21 given, at most 20" in response.json()["error"]["message"]

@@ -38,6 +38,7 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
     metrics = ServeMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
     engine.on_batch = metrics.batch_done
     grammars = GrammarCache(model)
+    model.contract_grammar  # noqa: B018 - compiled now (about half a second), not in the first request
     app = FastAPI(title="kwanzaa-adapter", version=__version__)
     app.state.engine, app.state.metrics = engine, metrics
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes, on_answer=metrics.answered)
@@ -131,6 +132,10 @@ def chat_messages(body: ChatCompletionRequest, system_prompt: str, default_syste
     return messages
 
 
+class ClientGone(Exception):
+    """The client went away while its answer was generated (logged as 499; nobody reads the reply)."""
+
+
 class Pending:
     """One request in the batch engine, seen from the event loop."""
 
@@ -163,14 +168,18 @@ class Pending:
 
     async def text(self, request: Request) -> str:
         """The whole answer; the ticket is cancelled if the client goes away meanwhile."""
-        parts = []
+        parts, checked = [], time.monotonic()
         while True:
             try:
                 event = await asyncio.wait_for(self.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= 0.5:  # tokens may flow without a pause: look at the clock
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     self.ticket.cancel()
-                    raise asyncio.CancelledError from None
+                    raise ClientGone("the client closed the connection before the answer was complete")
+            if event is None:
                 continue
             if event.kind == "delta":
                 parts.append(event.text)
@@ -228,6 +237,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueTimeout)
     async def queue_timeout(request, exc):
         return error_response(503, "queue_timeout", str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, exc):
+        return error_response(499, "client_closed_request", str(exc))
 
     @app.exception_handler(ShuttingDown)
     async def shutting_down(request, exc):

@@ -126,15 +126,19 @@ def generation_limit(asked: int | None, model: CausalLMModel, limits: ServeLimit
     return asked or min(model.config.evaluation.max_new_tokens, limits.max_new_tokens)
 
 
-def check_answer_request(request: AnswerRequest, limits: ServeLimits) -> None:
-    if len(request.question) > limits.max_question_chars:
-        raise rejection(413, f"question: {len(request.question)} characters, at most {limits.max_question_chars}")
-    if len(request.documents) > limits.max_documents:
-        raise rejection(413, f"documents: {len(request.documents)} given, at most {limits.max_documents}")
-    for number, document in enumerate(request.documents, start=1):
+def check_documents(documents: list[Document], limits: ServeLimits) -> None:
+    if len(documents) > limits.max_documents:
+        raise rejection(413, f"documents: {len(documents)} given, at most {limits.max_documents}")
+    for number, document in enumerate(documents, start=1):
         if len(document.text) > limits.max_document_chars:
             raise rejection(413, f"documents[{number}].text: {len(document.text)} characters, "
                                f"at most {limits.max_document_chars}")
+
+
+def check_answer_request(request: AnswerRequest, limits: ServeLimits) -> None:
+    if len(request.question) > limits.max_question_chars:
+        raise rejection(413, f"question: {len(request.question)} characters, at most {limits.max_question_chars}")
+    check_documents(request.documents, limits)
 
 
 def check_chat_request(request: ChatCompletionRequest, limits: ServeLimits) -> None:
@@ -143,6 +147,7 @@ def check_chat_request(request: ChatCompletionRequest, limits: ServeLimits) -> N
     total = sum(len(m.content) for m in request.messages)
     if total > limits.max_message_chars:
         raise rejection(413, f"messages: {total} characters in all, at most {limits.max_message_chars}")
+    check_documents(request.documents or [], limits)
 
 
 # --------------------------------------------------------------------------- running
