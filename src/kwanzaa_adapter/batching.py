@@ -65,7 +65,7 @@ class Ticket:
     emit: Callable[[Event], None]
     temperature: float = 0.0
     top_p: float = 1.0
-    constraint: object | None = None  # .allowed(vocab) -> bool tensor, .advance(token), .done
+    constraint: object | None = None  # .restrict(row scores), .advance(token), .done (constrained.py)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     first_token_at: float | None = None
@@ -144,8 +144,7 @@ class _Rows(BaseStreamer):
     def mask(self, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, ticket in enumerate(self.batch):
             if ticket.constraint is not None and not ticket.finished:
-                allowed = ticket.constraint.allowed(scores.shape[1]).to(scores.device)
-                scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
+                scores[row] = ticket.constraint.restrict(scores[row])
         return scores
 
 

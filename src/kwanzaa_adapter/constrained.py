@@ -36,6 +36,11 @@ class ContractConstraint:
         allowed[:known] = torch.from_numpy(bits[:known].astype(bool))
         return allowed
 
+    def restrict(self, row_scores: torch.FloatTensor) -> torch.FloatTensor:
+        """One row of next-token logits with every token the grammar forbids at -inf."""
+        allowed = self.allowed(row_scores.shape[-1]).to(row_scores.device)
+        return row_scores.masked_fill(~allowed, float("-inf"))
+
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):
             raise RuntimeError(f"token {token} is outside the contract grammar: {self.matcher.get_error()}")
@@ -93,6 +98,5 @@ class ContractLogits(LogitsProcessor):
                     break
                 constraint.advance(token)
             if not self.ended[row]:
-                allowed = constraint.allowed(scores.shape[1]).to(scores.device)
-                scores[row] = scores[row].masked_fill(~allowed, float("-inf"))
+                scores[row] = constraint.restrict(scores[row])
         return scores

@@ -275,7 +275,7 @@ def verify_signature(directory: str | Path, trusted_keys: Sequence[str | Path]) 
         return fail(MALFORMED, f"{SIGNATURE_NAME}: {exc}")
     if hint not in fingerprints:
         return fail(UNTRUSTED, f"key sha256:{hint[:16]} is not among the {len(fingerprints)} trusted key(s)", hint)
-    _, rejected = scan_directory(directory)
+    present, rejected = scan_directory(directory)
     if rejected:
         return fail(SYMLINK, "; ".join(f"{r.path} {r.reason}" for r in rejected), hint)
     try:
@@ -290,7 +290,7 @@ def verify_signature(directory: str | Path, trusted_keys: Sequence[str | Path]) 
     # The library compares only the files the signer did not exclude; we accept no exclusion but ours.
     signed = tuple(sorted(r["name"] for r in statement["predicate"]["resources"]))
     ignored = set(statement["predicate"].get("serialization", {}).get("ignore_paths", ())) - _LIBRARY_IGNORABLE
-    uncovered = sorted(set(_file_digests(directory)) - set(signed))
+    uncovered = sorted(set(present) - {SIGNATURE_NAME} - set(signed))  # names only: the library hashed them
     if ignored or uncovered:
         names = ", ".join(sorted(ignored | set(uncovered)))
         return fail(NOT_COVERED, f"the signer excluded {names}", hint)
