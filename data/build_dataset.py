@@ -1,27 +1,31 @@
 """Build the shipped Kwanzaa dataset from the authored sources in data/source/.
 
-    python data/build_dataset.py           # write the five JSONL files, print token lengths
+    python data/build_dataset.py           # write the JSONL files, print counts and token lengths
     python data/build_dataset.py --check   # exit 1 if the committed files differ from a fresh build
 
-Each authored question names its relevant documents by id; the build adds seeded distractors
-from the same split (never from the relevant documents' topics, so a distractor cannot hold the
-answer), places the documents, turns `{d:<doc_id>}` placeholders into `[n]` markers for those
-positions, and validates every record through `RagRecord`. The output depends only on the
-sources and SEED, so two builds are byte-identical.
+Each authored question names its relevant documents by id; the build draws a seeded number of
+documents (1 to 5; 2 to 5 for the heldout set), fills the rest with distractors from the same
+split (never from the relevant documents' topics, so a distractor cannot hold the answer), places
+the documents, turns `{d:<doc_id>}` placeholders into `[n]` markers for those positions, and
+validates every record through `RagRecord`. An off-topic refusal shows only distractors. The
+near-miss file swaps one relevant document of a train record for a same-topic document that lacks
+the asked fact. The output depends only on the sources and SEED, so two builds are byte-identical.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
 import statistics
 import sys
+from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kwanzaa_adapter.answer import CONTRACT_VERSION, Answer
 from kwanzaa_adapter.data.records import (
@@ -34,16 +38,33 @@ from kwanzaa_adapter.data.records import (
 )
 
 SEED = 1966
-DOCS_PER_RECORD = 3
 DATA_DIR = Path(__file__).resolve().parent
 SOURCE_DIR = DATA_DIR / "source"
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval", "heldout")
+# Documents shown per record (weights), by split. The draw leans towards one to three documents so
+# that the train split and the mix stay within 10% of the CPU demo's token budget (data/README.md).
+DOC_COUNTS: dict[str, dict[int, int]] = {
+    "train": {1: 35, 2: 35, 3: 15, 4: 10, 5: 5},
+    "eval": {1: 35, 2: 35, 3: 15, 4: 10, 5: 5},
+    "heldout": {2: 30, 3: 30, 4: 25, 5: 15},
+}
+# Source files: the train and eval splits share one pair, the heldout set has its own.
+SOURCE_FILES = {"documents.jsonl": "questions.jsonl", "heldout_documents.jsonl": "heldout_questions.jsonl"}
+NEAR_MISS_SOURCE = "near_miss.jsonl"
+# A dialogue of several questions shows at most this many documents, so that the longest stays
+# within the demo's max_seq_length of 1024 tokens.
+DIALOGUE_MAX_DOCS = 3
 CONFIDENCE = {"complete": 0.9, "partial": 0.6, "insufficient_data": 0.1}
 # The demo trains on this: every train record on its own, then the same questions as dialogues.
 MIX_FILE = "kwanzaa_train_mix.jsonl"
+# Preference pairs: the chosen answer is a refusal; the rejected one is the original train gold.
+NEAR_MISS_FILE = "kwanzaa_near_miss.jsonl"
 PLACEHOLDER = re.compile(r"\{d:([a-z0-9_]+)\}")
 
-Split = Literal["train", "eval"]
+Split = Literal["train", "eval", "heldout"]
+# Why the documents shown cannot answer: a nearby detail of the right subject is missing; the
+# documents are about other subjects; a document mentions the subject but not the asked fact.
+RefusalKind = Literal["nearby_detail", "off_topic", "mentions_subject"]
 
 
 class _Strict(BaseModel):
@@ -57,11 +78,14 @@ class SourceDocument(_Strict):
     split: Split = Field(description="The only split whose records may show this document.")
     topic: str = Field(min_length=1, description="Distractors never share a topic with a relevant document.")
     title: str = Field(min_length=1)
-    source: str = Field(min_length=1)
+    source: str = Field(min_length=1, description="A generic label for the kind of note, never a real publication.")
+    year: int | None = Field(default=None, ge=1990, le=2024, description="The note's own date, not a historical claim.")
+    url: str | None = Field(default=None, pattern=r"^https://example\.(org|com)/[a-z0-9/_-]+$",
+                            description="Only on the reserved example domains.")
     text: str = Field(min_length=1)
 
     def as_document(self) -> Document:
-        return Document(title=self.title, source=self.source, text=self.text)
+        return Document(title=self.title, source=self.source, year=self.year, url=self.url, text=self.text)
 
 
 class SourceQuestion(_Strict):
@@ -70,14 +94,39 @@ class SourceQuestion(_Strict):
     id: str = Field(min_length=1)
     split: Split
     question: str = Field(min_length=1)
-    doc_ids: list[str] = Field(min_length=1, max_length=DOCS_PER_RECORD - 1, description="Relevant documents.")
+    doc_ids: list[str] = Field(max_length=2, description="Relevant documents; for an off-topic refusal, the "
+                               "documents on the subject, whose topics are kept out of the record.")
     answer_text: str = Field(min_length=1, description="Gold answer.text with {d:<doc_id>} citation placeholders.")
     completeness: Literal["complete", "partial", "insufficient_data"]
     missing_context: list[str] = Field(default_factory=list, description="What the documents lack.")
+    refusal: RefusalKind | None = Field(default=None, description="The kind of refusal; only on refusals.")
 
     @property
     def is_refusal(self) -> bool:
         return self.completeness == "insufficient_data"
+
+    @property
+    def shown_doc_ids(self) -> list[str]:
+        """The documents every record of this question shows (none for an off-topic refusal)."""
+        return [] if self.refusal == "off_topic" else self.doc_ids
+
+    @model_validator(mode="after")
+    def _refusal_kind_agrees(self) -> "SourceQuestion":
+        if self.is_refusal != (self.refusal is not None):
+            raise ValueError(f"question {self.id!r}: `refusal` (the kind) is required on refusals and only there")
+        if not self.doc_ids and self.refusal != "off_topic":
+            raise ValueError(f"question {self.id!r}: only an off-topic refusal may have no doc_ids")
+        return self
+
+
+class NearMiss(_Strict):
+    """One line of data/source/near_miss.jsonl: a train question whose one relevant document is
+    swapped for a same-topic document that does not state the asked fact (checked by reading)."""
+
+    question_id: str = Field(min_length=1)
+    replacement_doc_id: str = Field(min_length=1)
+    answer_text: str = Field(min_length=1, description="The refusal, without citations.")
+    missing_context: list[str] = Field(min_length=1, max_length=1)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -85,36 +134,67 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def load_documents(path: Path) -> dict[str, SourceDocument]:
+def load_sources(source_dir: Path = SOURCE_DIR) -> tuple[dict[str, SourceDocument], list[SourceQuestion]]:
+    """All documents (by id) and questions; ids are unique across files, and the heldout set keeps
+    to its own pair of files."""
     documents: dict[str, SourceDocument] = {}
-    for row in read_jsonl(path):
-        doc = SourceDocument.model_validate(row)
-        if doc.doc_id in documents:
-            raise ValueError(f"{path.name}: duplicate doc_id {doc.doc_id!r}")
-        documents[doc.doc_id] = doc
-    return documents
-
-
-def load_questions(path: Path) -> list[SourceQuestion]:
-    questions = [SourceQuestion.model_validate(row) for row in read_jsonl(path)]
+    questions: list[SourceQuestion] = []
+    for documents_file, questions_file in SOURCE_FILES.items():
+        heldout_file = documents_file.startswith("heldout")
+        for row in read_jsonl(source_dir / documents_file):
+            doc = SourceDocument.model_validate(row)
+            if doc.doc_id in documents:
+                raise ValueError(f"{documents_file}: duplicate doc_id {doc.doc_id!r}")
+            if (doc.split == "heldout") != heldout_file:
+                raise ValueError(f"{documents_file}: document {doc.doc_id!r} of split {doc.split!r} belongs in "
+                                 f"{'documents.jsonl' if heldout_file else 'heldout_documents.jsonl'}")
+            documents[doc.doc_id] = doc
+        for row in read_jsonl(source_dir / questions_file):
+            question = SourceQuestion.model_validate(row)
+            if (question.split == "heldout") != heldout_file:
+                raise ValueError(f"{questions_file}: question {question.id!r} of split {question.split!r} is in the "
+                                 "wrong file")
+            questions.append(question)
     seen: set[str] = set()
     for question in questions:
         if question.id in seen:
-            raise ValueError(f"{path.name}: duplicate question id {question.id!r}")
+            raise ValueError(f"duplicate question id {question.id!r}")
         seen.add(question.id)
-    return questions
+    return documents, questions
 
 
-def choose_documents(question: SourceQuestion, documents: dict[str, SourceDocument]) -> list[SourceDocument]:
-    """The relevant documents plus seeded distractors, in a seeded order."""
-    relevant = [documents[doc_id] for doc_id in question.doc_ids]
-    relevant_topics = {doc.topic for doc in relevant}
+def load_near_misses(source_dir: Path = SOURCE_DIR) -> list[NearMiss]:
+    return [NearMiss.model_validate(row) for row in read_jsonl(source_dir / NEAR_MISS_SOURCE)]
+
+
+def document_counts(questions: list[SourceQuestion]) -> dict[str, int]:
+    """How many documents each question's record shows. Within a split, the questions in a seeded
+    order take the counts in the proportions of DOC_COUNTS, so the histogram follows the weights
+    exactly; a question never gets fewer documents than it must show."""
+    counts: dict[str, int] = {}
+    for split in SPLITS:
+        ordered = sorted((q for q in questions if q.split == split),
+                         key=lambda q: random.Random(f"{SEED}:count:{q.id}").random())
+        weights = DOC_COUNTS[split]
+        for rank, question in enumerate(ordered):
+            point = (rank + 0.5) / len(ordered) * sum(weights.values())
+            bounds = itertools.accumulate(weights.values())
+            drawn = next(n for n, bound in zip(weights, bounds) if point < bound)
+            counts[question.id] = max(drawn, len(question.shown_doc_ids))
+    return counts
+
+
+def choose_documents(question: SourceQuestion, documents: dict[str, SourceDocument],
+                     count: int) -> list[SourceDocument]:
+    """The relevant documents plus seeded distractors, `count` in all, in a seeded order."""
+    relevant = [documents[doc_id] for doc_id in question.shown_doc_ids]
+    excluded_topics = {documents[doc_id].topic for doc_id in question.doc_ids}
     pool = sorted(
-        (d for d in documents.values() if d.split == question.split and d.topic not in relevant_topics),
+        (d for d in documents.values() if d.split == question.split and d.topic not in excluded_topics),
         key=lambda d: d.doc_id,
     )
     rng = random.Random(f"{SEED}:{question.id}")
-    chosen = relevant + rng.sample(pool, DOCS_PER_RECORD - len(relevant))
+    chosen = relevant + rng.sample(pool, max(count, len(relevant)) - len(relevant))
     rng.shuffle(chosen)
     return chosen
 
@@ -152,7 +232,7 @@ def build_answer(question: SourceQuestion, shown: list[SourceDocument]) -> Answe
     )
 
 
-def build_record(question: SourceQuestion, documents: dict[str, SourceDocument]) -> RagRecord:
+def build_record(question: SourceQuestion, documents: dict[str, SourceDocument], count: int) -> RagRecord:
     """One validated record; any problem is raised naming the question id."""
     try:
         unknown = [doc_id for doc_id in question.doc_ids if doc_id not in documents]
@@ -161,33 +241,78 @@ def build_record(question: SourceQuestion, documents: dict[str, SourceDocument])
         wrong_split = [d for d in question.doc_ids if documents[d].split != question.split]
         if wrong_split:
             raise ValueError(f"doc_ids {wrong_split} are not in split {question.split!r}")
-        shown = choose_documents(question, documents)
-        return RagRecord(
-            id=question.id,
-            question=question.question,
-            documents=[doc.as_document() for doc in shown],
-            expect_refusal=question.is_refusal,
-            answer=build_answer(question, shown),
-        )
+        shown = choose_documents(question, documents, count)
+        return make_record(question.id, question, shown, build_answer(question, shown))
     except (ValueError, ValidationError) as exc:
         raise ValueError(f"question {question.id!r}: {exc}") from exc
 
 
+def make_record(record_id: str, question: SourceQuestion, shown: list[SourceDocument], answer: Answer) -> RagRecord:
+    return RagRecord(
+        id=record_id,
+        question=question.question,
+        documents=[doc.as_document() for doc in shown],
+        expect_refusal=answer.is_refusal,
+        answer=answer,
+    )
+
+
 def build_records(source_dir: Path = SOURCE_DIR) -> dict[str, list[RagRecord]]:
-    documents = load_documents(source_dir / "documents.jsonl")
-    questions = load_questions(source_dir / "questions.jsonl")
-    return {split: [build_record(q, documents) for q in questions if q.split == split] for split in SPLITS}
+    documents, questions = load_sources(source_dir)
+    counts = document_counts(questions)
+    return {split: [build_record(q, documents, counts[q.id]) for q in questions if q.split == split]
+            for split in SPLITS}
+
+
+def build_near_miss(near_miss: NearMiss, questions: dict[str, SourceQuestion],
+                    documents: dict[str, SourceDocument], counts: dict[str, int]) -> RagRecord:
+    """The original train record with its one relevant document D swapped, in place, for D'."""
+    try:
+        question = questions.get(near_miss.question_id)
+        if question is None or question.split != "train":
+            raise ValueError("not a train question")
+        if question.is_refusal or len(question.doc_ids) != 1:
+            raise ValueError("a near miss needs an answerable question with exactly one relevant document")
+        original = documents[question.doc_ids[0]]
+        replacement = documents.get(near_miss.replacement_doc_id)
+        if replacement is None or replacement.split != "train" or replacement.topic != original.topic \
+                or replacement.doc_id == original.doc_id:
+            raise ValueError(f"replacement {near_miss.replacement_doc_id!r} must be another train document "
+                             f"of topic {original.topic!r}")
+        if PLACEHOLDER.search(near_miss.answer_text):
+            raise ValueError("a near-miss refusal must not cite documents")
+        shown = [replacement if doc.doc_id == original.doc_id else doc
+                 for doc in choose_documents(question, documents, counts[question.id])]
+        # The gold answer is built like any refusal's: a nearby-detail refusal over D'.
+        refusal = SourceQuestion(id=question.id, split="train", question=question.question,
+                                 doc_ids=[replacement.doc_id], answer_text=near_miss.answer_text,
+                                 completeness="insufficient_data", missing_context=near_miss.missing_context,
+                                 refusal="nearby_detail")
+        return make_record(f"{question.id}.near_miss", question, shown, build_answer(refusal, shown))
+    except (ValueError, ValidationError) as exc:
+        raise ValueError(f"near miss of {near_miss.question_id!r}: {exc}") from exc
+
+
+def build_near_misses(source_dir: Path = SOURCE_DIR) -> list[RagRecord]:
+    documents, questions = load_sources(source_dir)
+    by_id = {q.id: q for q in questions}
+    near_misses = load_near_misses(source_dir)
+    repeated = [qid for qid, n in Counter(m.question_id for m in near_misses).items() if n > 1]
+    if repeated:
+        raise ValueError(f"{NEAR_MISS_SOURCE}: more than one near miss for {repeated}")
+    counts = document_counts(questions)
+    return [build_near_miss(m, by_id, documents, counts) for m in near_misses]
 
 
 def record_line(record: RagRecord) -> dict:
     return record.model_dump(mode="json", exclude_none=True)
 
 
-def chat_line(record: RagRecord, split: str) -> dict:
+def chat_line(record: RagRecord, split: str, **extra_meta) -> dict:
     line = {
         "messages": render_record(record),
         # The documents ride along so that evaluation can score citations from the chat form too.
-        "meta": {"id": record.id, "expect_refusal": record.expect_refusal, "split": split,
+        "meta": {"id": record.id, **extra_meta, "expect_refusal": record.expect_refusal, "split": split,
                  "documents": [d.model_dump(mode="json", exclude_none=True) for d in record.documents]},
     }
     ChatExample.model_validate(line)
@@ -196,24 +321,25 @@ def chat_line(record: RagRecord, split: str) -> dict:
 
 def dialogue_groups(questions: list[SourceQuestion]) -> list[list[SourceQuestion]]:
     """Train questions grouped by their one relevant document (source order); a question that needs
-    two documents stays a group of its own."""
+    two documents, or an off-topic refusal (whose record does not show its document), stays a group
+    of its own."""
     groups: dict[tuple[str, ...], list[SourceQuestion]] = {}
     for question in questions:
         if question.split != "train":
             continue
-        key = tuple(question.doc_ids) if len(question.doc_ids) == 1 else ("", question.id)
+        key = tuple(question.shown_doc_ids) if len(question.shown_doc_ids) == 1 else ("", question.id)
         groups.setdefault(key, []).append(question)
     return list(groups.values())
 
 
-def dialogue_line(group: list[SourceQuestion], documents: dict[str, SourceDocument]) -> dict:
+def dialogue_line(group: list[SourceQuestion], documents: dict[str, SourceDocument], count: int) -> dict:
     """One conversation: the documents once, then every question of the group in a seeded order.
 
     The first turn is exactly a single-record prompt; later turns ask about the same numbered
     documents, so the model sees answerable and unanswerable questions side by side for the price
     of reading the documents once.
     """
-    shown = choose_documents(group[0], documents)
+    shown = choose_documents(group[0], documents, min(count, DIALOGUE_MAX_DOCS) if len(group) > 1 else count)
     order = list(group)
     random.Random(f"{SEED}:dialogue:{group[0].id}").shuffle(order)
     messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}]
@@ -233,9 +359,9 @@ def dialogue_line(group: list[SourceQuestion], documents: dict[str, SourceDocume
 
 
 def build_dialogues(source_dir: Path = SOURCE_DIR) -> list[dict]:
-    documents = load_documents(source_dir / "documents.jsonl")
-    questions = load_questions(source_dir / "questions.jsonl")
-    return [dialogue_line(group, documents) for group in dialogue_groups(questions)]
+    documents, questions = load_sources(source_dir)
+    counts = document_counts(questions)
+    return [dialogue_line(group, documents, counts[group[0].id]) for group in dialogue_groups(questions)]
 
 
 def to_jsonl(rows: list[dict]) -> str:
@@ -249,6 +375,8 @@ def build_outputs(source_dir: Path = SOURCE_DIR) -> dict[str, str]:
         outputs[f"kwanzaa_{split}_records.jsonl"] = to_jsonl([record_line(r) for r in records])
         outputs[f"kwanzaa_{split}.jsonl"] = to_jsonl([chat_line(r, split) for r in records])
     outputs[MIX_FILE] = outputs["kwanzaa_train.jsonl"] + to_jsonl(build_dialogues(source_dir))
+    outputs[NEAR_MISS_FILE] = to_jsonl([chat_line(r, "train", near_miss_of=r.id.removesuffix(".near_miss"))
+                                        for r in build_near_misses(source_dir)])
     return outputs
 
 
@@ -286,21 +414,37 @@ def load_default_tokenizer():
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
+def split_summary(records: list[dict], kinds: dict[str, str]) -> str:
+    """One line of counts: records, refusals by kind, documents per record, two-document answers."""
+    refusals = Counter(kinds[r["id"]] for r in records if r["expect_refusal"])
+    total = sum(refusals.values())
+    histogram = Counter(len(r["documents"]) for r in records)
+    two = sum(len(r["answer"]["sources"]) == 2 for r in records)
+    partial = sum(r["answer"]["answer"]["completeness"] == "partial" for r in records)
+    return (f"{len(records)} records, {total} refusals ({total / len(records):.0%}: "
+            + ", ".join(f"{kind} {refusals[kind]}" for kind in get_args(RefusalKind))
+            + f"), {two} citing two documents ({two / (len(records) - total):.0%} of answers), {partial} partial, "
+            + "documents per record " + " ".join(f"{n}:{histogram[n]}" for n in sorted(histogram)))
+
+
 def print_summary(outputs: dict[str, str]) -> None:
+    _, questions = load_sources()
+    kinds = {q.id: q.refusal for q in questions}
     for split in SPLITS:
         records = [json.loads(line) for line in outputs[f"kwanzaa_{split}_records.jsonl"].splitlines()]
-        refusals = sum(r["expect_refusal"] for r in records)
-        multi = sum(len(r["answer"]["sources"]) > 1 for r in records)
-        print(f"{split}: {len(records)} records, {refusals} refusals ({refusals / len(records):.0%}), "
-              f"{multi} citing two documents")
+        print(f"{split}: {split_summary(records, kinds)}")
+    near_misses = outputs[NEAR_MISS_FILE].splitlines()
+    print(f"near miss: {len(near_misses)} refusals over train questions")
     try:
         tokenizer = load_default_tokenizer()
     except Exception as exc:  # the stats are informative only; the build itself does not need them
         print(f"token lengths skipped: cannot load the SmolLM2 tokenizer ({exc})")
         return
-    for split in SPLITS:
-        lengths = token_lengths(outputs[f"kwanzaa_{split}.jsonl"], tokenizer)
-        print(f"{split} chat tokens: min {min(lengths)}, median {statistics.median(lengths):g}, max {max(lengths)}")
+    chat_files = [f"kwanzaa_{split}.jsonl" for split in SPLITS] + [MIX_FILE, NEAR_MISS_FILE]
+    for name in chat_files:
+        lengths = token_lengths(outputs[name], tokenizer)
+        print(f"{name} chat tokens: total {sum(lengths)}, min {min(lengths)}, "
+              f"median {statistics.median(lengths):g}, max {max(lengths)}")
 
 
 def main(argv: list[str] | None = None) -> int:

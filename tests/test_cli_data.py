@@ -14,7 +14,7 @@ def test_shipped_datasets_validate_and_print_statistics(capsys):
     files = [str(ROOT / "data" / name) for name in ("kwanzaa_train.jsonl", "kwanzaa_eval.jsonl")]
     assert main(["validate-data", *files]) == 0
     out = capsys.readouterr().out
-    assert "223" in out and "70" in out and "refusal" in out.lower()
+    assert "277" in out and "84" in out and "refusal" in out.lower()
 
 
 def test_malformed_lines_exit_2_each_named_by_line(tmp_path, capsys):
@@ -50,7 +50,7 @@ def test_schema_command_prints_the_contract(capsys):
 
 def test_packing_wastes_under_5_percent_of_computed_tokens_on_the_shipped_set(tokenizer, tmp_path):
     examples, report = tokenize_file(ROOT / "data/kwanzaa_train.jsonl", tokenizer, 1024)
-    assert report.rows == 223 and report.truncated == 0
+    assert report.rows == 277 and report.truncated == 0
     features = [e.as_features() for e in examples]
     for batching in ("packed", "length_grouped"):
         collate = make_collator(batching, tokenizer)

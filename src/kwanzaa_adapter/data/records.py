@@ -94,7 +94,8 @@ def format_documents(documents: list[Document]) -> str:
     for number, doc in enumerate(documents, start=1):
         about = ", ".join(str(part) for part in (doc.source, doc.year) if part)
         heading = f"[{number}] {doc.title}" + (f" ({about})" if about else "")
-        blocks.append(f"{heading}\n{doc.text}")
+        link = f"\n{doc.url}" if doc.url else ""
+        blocks.append(f"{heading}{link}\n{doc.text}")
     return "\n\n".join(blocks) if blocks else "(no documents)"
 
 
