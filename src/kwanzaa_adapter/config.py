@@ -1,7 +1,8 @@
 """Typed run configuration: one pydantic model per concern, YAML composition, overrides, digest.
 
-A run file (e.g. `configs/training.yaml`) names an adapter profile and a base-model profile;
-those are merged under it, then `--set key.path=value` overrides are applied, then the result is
+A run file (e.g. `configs/training.yaml`) names an adapter profile and a base-model profile,
+and may name another run file it builds on (`run_profile`, e.g. `configs/quality.yaml` on
+`demo.yaml`); those are merged under it, then `--set key.path=value` overrides are applied, then the result is
 validated once. Every problem is reported at once, each with its key path and the file (or
 override) that set the offending value.
 """
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT
 
-PROFILE_KEYS = ("adapter_profile", "model_profile")
+PROFILE_KEYS = ("run_profile", "adapter_profile", "model_profile")
 # Keys of earlier versions and what took their place, named in the "unknown key" error.
 REPLACED_KEYS = {
     "model.dtype": "model.precision",
@@ -120,6 +121,29 @@ class DataConfig(_Section):
         default="packed", description="Padding-free packing, or length-grouped padded batches.")
 
 
+class PreferenceConfig(_Section):
+    """training.preference: DPO on pairs mined from the supervised adapter's own errors (issue 16)."""
+
+    enabled: bool = Field(default=False, description="Run the preference stage after supervised training.")
+    mining_file: str | None = Field(
+        default=None, description="Chat-form JSONL to mine on (one-answer lines with meta.documents and "
+                                  "meta.expect_refusal); default data.train_file. Never the eval split.")
+    mining_examples: int = Field(default=96, gt=0, le=10**6,
+                                 description="One-answer lines drawn (seeded) from the mining file per round.")
+    near_miss_file: str | None = Field(
+        default=None, description="Chat-form refusals whose meta.near_miss_of names a mining-file line with the "
+                                  "answering document swapped out, paired with that line's answer as rejected; "
+                                  "null: no near-miss pairs.")
+    rounds: int = Field(default=1, ge=1, le=10, description="Mine, then train, this many times.")
+    beta: float = Field(default=0.1, gt=0, le=100.0, description="DPO temperature (strength of the reference).")
+    sft_weight: float = Field(default=0.0, ge=0.0, le=100.0,
+                              description="Weight of the chosen answer's NLL beside the DPO loss (RPO); 0 = plain DPO.")
+    num_epochs: float = Field(default=1.0, gt=0, le=1000, description="Passes over the pairs per round.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0, description="Peak learning rate of the stage.")
+    gradient_accumulation_steps: int = Field(default=4, gt=0, le=65536, description="Pairs per optimizer step.")
+    max_pairs: int | None = Field(default=None, gt=0, le=10**6, description="Keep at most this many pairs per round.")
+
+
 class TrainingConfig(_Section):
     num_epochs: float = Field(gt=0, le=10_000, description="Passes over the training data.")
     max_steps: int = Field(default=-1, ge=-1, le=10**9, description="Optimizer steps; -1 derives them from num_epochs.")
@@ -141,6 +165,8 @@ class TrainingConfig(_Section):
         default=False, description="Return the heap's free pages to the OS after every optimizer step (glibc "
                                    "malloc_trim): CPU training's resident memory stops growing step after step.")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="Preference stage after supervised training (DPO).")
 
 
 class EvaluationConfig(_Section):

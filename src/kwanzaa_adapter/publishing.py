@@ -102,6 +102,8 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         "gradient_checkpointing": bundle.gradient_checkpointing,  # as resolved on this device
         "precision": bundle.precision.as_json(),  # model.precision as resolved, with the CPU probe
         "notes": outcome.notes,
+        # training.preference: pairs mined (by error type), beta, steps and seconds of every round
+        "preference": outcome.summary.get("preference"),
         "final_metrics": final_metrics(outcome, behavioral),
         "signing": {"signature": SIGNATURE_NAME, "public_key_sha256": private_key_fingerprint(config.artifacts.signing)}
         if config.artifacts.signing else None,
@@ -137,6 +139,19 @@ def signed_usage(metadata: dict) -> str:
     key = metadata["signing"]["public_key_sha256"]
     return (f" --public-key signing_key.pub\n# {SIGNATURE_NAME}: signed by the EC key whose public PEM has SHA-256 "
             f"{key[:16]}...; serve with --trusted-key")
+
+
+def preference_line(preference: dict | None) -> str:
+    """The model card's account of training.preference: what each round mined and trained."""
+    if not preference:
+        return "off"
+    rounds = []
+    for r in preference["rounds"]:
+        errors = ", ".join(f"{kind.replace('_', ' ')} {count}" for kind, count in r["errors"].items() if count)
+        rounds.append(f"round {r['round']}: {r['pairs']} pairs ({errors or 'no errors'} of {r['examples']} mined; "
+                      f"{r['near_miss']} near-miss), {r['steps']} steps")
+    loss = f"DPO + {preference['sft_weight']} x NLL" if preference["sft_weight"] else "DPO"
+    return f"{loss}, beta {preference['beta']}, lr {preference['learning_rate']}; " + "; ".join(rounds)
 
 
 def generate_adapter_readme(config, metadata: dict, with_comparison: bool) -> str:
@@ -203,6 +218,7 @@ tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
 | batch | {t.per_device_batch_size} x {t.gradient_accumulation_steps} accumulation, {config.data.batching}, max {config.data.max_seq_length} tokens |
 | schedule | lr {t.learning_rate} {t.lr_scheduler}, warmup {t.warmup_ratio}, {t.num_epochs} epochs, {metadata['final_metrics']['steps']} steps |
 | optimizer | {metadata['optimizer']}, clip {t.max_grad_norm} |
+| preference stage | {preference_line(metadata.get('preference'))} |
 | seed | {config.run.seed} |
 | config digest | `{metadata['config_sha256'][:16]}` |
 

@@ -11,6 +11,7 @@ its own base weights; only the main one writes the run directory, the artifact a
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from kwanzaa_adapter.evaluation import PREDICTIONS_FILE
 from kwanzaa_adapter.faults import fault_point
 from kwanzaa_adapter.monitoring import RunMonitor, check_backends
 from kwanzaa_adapter.precision import PrecisionDecision
+from kwanzaa_adapter.preference import check_preference_data, run_preference
 from kwanzaa_adapter.publishing import save_adapter_artifact
 from kwanzaa_adapter.rundir import RunDirectory, RunDirectoryError
 from kwanzaa_adapter.trainer import TrainingOutcome, run_trainer
@@ -115,6 +117,8 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
         load_examples(path, config.data.system_prompt)  # raises DataError listing every bad line
     model_sources.resolve_model_reference(config.model.name_or_path, config.model.revision)
     check_backends(config)  # a missing MLflow / W&B package or login fails here, not mid-run
+    if config.training.preference.enabled:  # the mining and near-miss files, read as the stage will
+        check_preference_data(config)
     if config.artifacts.signing:  # an unreadable or wrong key fails here, not after training
         signing.private_key_fingerprint(config.artifacts.signing)
     return config
@@ -194,8 +198,15 @@ def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirec
     continues from the newest complete checkpoint only if that identity is its own.
     """
     identity = RunIdentity.of_run(config, baseline)
-    return run_trainer(config, bundle, datasets, run, identity, resume=resume, callbacks=callbacks,
-                       reporters=tuple(monitor.callbacks()))
+    outcome = run_trainer(config, bundle, datasets, run, identity, resume=resume, callbacks=callbacks,
+                          reporters=tuple(monitor.callbacks()))
+    if config.training.preference.enabled:  # 5, second stage: DPO on the adapter's own errors
+        stage = run_preference(config, bundle, run, identity, resume=resume, callbacks=callbacks,
+                               reporters=tuple(monitor.callbacks()), is_main=monitor.active)
+        if outcome.summary:  # the main process's
+            outcome.summary["preference"] = stage
+            run.summary_path.write_text(json.dumps(outcome.summary, indent=2, sort_keys=True) + "\n")
+    return outcome
 
 
 def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirectory, ranks: Ranks,

@@ -150,8 +150,9 @@ class ResumeRecorder(TrainerCallback):
         self.record["steps_run"] = state.global_step - self.record["started_at_step"]
 
 
-class KwanzaaTrainer(Trainer):
-    """The Trainer, with checkpoints that are complete or absent and carry the run's identity.
+class SealedCheckpoints:
+    """Trainer checkpoints that are complete or absent and carry the run's identity (a mixin for
+    `Trainer` and TRL's trainers, which inherit it).
 
     `Trainer._save_checkpoint` writes `checkpoint-N` in place and rotates by deleting in place, so
     a crash can leave a half-written or half-deleted checkpoint under a name that resume trusts.
@@ -164,14 +165,6 @@ class KwanzaaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.identity = identity
         self.resume_record: dict = {}  # what resuming loaded, from the Trainer's own state
-        self.computed_tokens = self.padding_tokens = 0  # over the micro-batches trained on
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.computed_tokens += inputs["input_ids"].numel()
-        mask = inputs.get("attention_mask")
-        if mask is not None:
-            self.padding_tokens += int((mask == 0).sum())
-        return super().training_step(model, inputs, num_items_in_batch)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -217,6 +210,21 @@ class KwanzaaTrainer(Trainer):
         self.state.save_to_json(str(staging / "trainer_state.json"))
         publish_checkpoint(staging, final, self.identity)
         rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+
+
+class KwanzaaTrainer(SealedCheckpoints, Trainer):
+    """The supervised stage's Trainer: sealed checkpoints, and the padding share of what it computed."""
+
+    def __init__(self, *args, identity: RunIdentity, **kwargs):
+        super().__init__(*args, identity=identity, **kwargs)
+        self.computed_tokens = self.padding_tokens = 0  # over the micro-batches trained on
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.computed_tokens += inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            self.padding_tokens += int((mask == 0).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
 
 
 def _final_evaluation(trainer: Trainer) -> dict:
@@ -302,6 +310,28 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
     )
 
 
+def stage_callbacks(config: KwanzaaConfig, tracker: MetricsTracker | None, reporters: tuple, notes: list) -> list:
+    """The callbacks every training stage runs with: metrics history, the backends, heap release, faults."""
+    extra = [MetricsRecorder(tracker), *reporters]
+    if config.training.release_host_memory:
+        if can_release_free_heap():
+            extra.append(ReleaseHostMemory())
+        else:
+            notes.append("training.release_host_memory: this C library has no malloc_trim (not glibc); the heap's "
+                         "free pages stay resident and the resident memory may grow step after step")
+            log.warning(notes[-1])
+    if fault_injection_enabled():
+        extra.append(FaultInjection())
+    return extra
+
+
+def add_progress_and_resume_callbacks(trainer: Trainer, resume_from: str | None) -> None:
+    if trainer.pop_callback(ProgressCallback) is not None:  # the bar, unless disable_tqdm
+        trainer.add_callback(TokensPerSecondProgress())
+    if resume_from is not None:
+        trainer.add_callback(ResumeRecorder(trainer.resume_record))
+
+
 def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdentity, resume: bool = False,
                 callbacks: tuple = (), reporters: tuple = ()) -> TrainingOutcome:
     """Train; `reporters` are the backends' callbacks. Only the main process writes the history and summary.
@@ -317,19 +347,10 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
                                     bundle.precision.resolved)
     main = args.process_index == 0
     tracker = MetricsTracker(run.path, resume=resume) if main else None
-    extra = [MetricsRecorder(tracker), *reporters]
+    extra = stage_callbacks(config, tracker, reporters, notes)
     if config.evaluation.early_stopping_patience is not None:
         extra.append(EarlyStoppingCallback(config.evaluation.early_stopping_patience,
                                            config.evaluation.early_stopping_threshold))
-    if config.training.release_host_memory:
-        if can_release_free_heap():
-            extra.append(ReleaseHostMemory())
-        else:
-            notes.append("training.release_host_memory: this C library has no malloc_trim (not glibc); the heap's "
-                         "free pages stay resident and the resident memory may grow step after step")
-            log.warning(notes[-1])
-    if fault_injection_enabled():
-        extra.append(FaultInjection())
     trainer = KwanzaaTrainer(
         model=bundle.model,
         args=args,
@@ -341,10 +362,7 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
         callbacks=[*extra, *callbacks],
         identity=identity,
     )
-    if trainer.pop_callback(ProgressCallback) is not None:  # the bar, unless disable_tqdm
-        trainer.add_callback(TokensPerSecondProgress())
-    if resume_from is not None:
-        trainer.add_callback(ResumeRecorder(trainer.resume_record))
+    add_progress_and_resume_callbacks(trainer, resume_from)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if resume_from is not None:
         log.info("resumed from %s: %s", resume_from, json.dumps(trainer.resume_record, sort_keys=True))
@@ -365,3 +383,101 @@ def run_trainer(config: KwanzaaConfig, bundle, datasets, run, identity: RunIdent
     run.summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return TrainingOutcome(summary, [m.to_dict() for m in tracker.history], dict(result.metrics), final_eval,
                            optimizer, notes)
+
+
+# --------------------------------------------------------------------------- the preference stage
+
+
+def preference_arguments(config: KwanzaaConfig, directory: Path, device: str, optimizer: str,
+                         gradient_checkpointing: bool, precision: str = "float32"):
+    """TRL's DPOConfig for one round of `training.preference`: the run's schedule and checkpoint settings,
+    the stage's own epochs, rate and accumulation, the reference log-probabilities computed once."""
+    from trl import DPOConfig
+
+    p, t, c = config.training.preference, config.training, config.checkpointing
+    schedule = {**schedule_arguments(config), "num_train_epochs": p.num_epochs, "learning_rate": p.learning_rate,
+                "gradient_accumulation_steps": p.gradient_accumulation_steps}
+    loss = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, p.sft_weight]} if p.sft_weight \
+        else {"loss_type": ["sigmoid"]}
+    return DPOConfig(
+        output_dir=str(directory),
+        **schedule,
+        **loss,
+        beta=p.beta,
+        max_length=config.data.max_seq_length,
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=t.per_device_batch_size,
+        optim=optimizer,
+        **checkpointing_arguments(gradient_checkpointing, DPOConfig),
+        logging_steps=t.logging_steps,
+        eval_strategy="no",
+        save_strategy="steps",
+        save_steps=c.save_steps,
+        save_total_limit=c.save_total_limit,
+        data_seed=config.run.seed,
+        full_determinism=config.run.deterministic,
+        use_cpu=device == "cpu",
+        bf16=precision == "bfloat16",
+        fp16=precision == "float16",
+        report_to="none",
+        include_num_input_tokens_seen="all",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=device == "cuda",
+        disable_tqdm=False,
+    )
+
+
+def _dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class KwanzaaDPOTrainer(SealedCheckpoints, DPOTrainer):
+        """TRL's DPOTrainer with sealed checkpoints. TRL copies the adapter it is given into a frozen `ref`
+        adapter and computes the reference log-probabilities with it while it initialises; the copy is
+        deleted then, so that the optimizer, the checkpoints and the artifact hold the trained adapter only.
+
+        TRL also rounds a quantized model's trainable adapter weights to bf16 (the QLoRA paper's choice):
+        the weights the supervised stage trained are put back as they were, so the stage continues the
+        same adapter in the same precision (and bf16 is 150x slower than fp32 on an AVX2 CPU).
+        """
+
+        def __init__(self, *args, identity: RunIdentity, model, **kwargs):
+            trained = {name: param.data for name, param in model.named_parameters() if param.requires_grad}
+            super().__init__(*args, model=model, identity=identity, **kwargs)
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            if "ref" in unwrapped.peft_config:
+                unwrapped.delete_adapter("ref")
+                unwrapped.set_adapter("default")
+            for name, param in unwrapped.named_parameters():
+                if name in trained:
+                    param.data = trained[name]
+
+    return KwanzaaDPOTrainer
+
+
+def run_preference_trainer(config: KwanzaaConfig, bundle, directory: Path, rows: list[dict], identity: RunIdentity,
+                           resume_from: Path | None, callbacks: tuple = (), reporters: tuple = ()) -> dict:
+    """One round of DPO on `rows` (TRL's conversational prompt/chosen/rejected) over `bundle.model`'s adapter."""
+    from datasets import Dataset
+
+    optimizer, _ = choose_optimizer(config.training.optimizer, bundle.device)
+    args = preference_arguments(config, directory, bundle.device, optimizer, bundle.gradient_checkpointing,
+                                bundle.precision.resolved if bundle.precision else "float32")
+    tracker = MetricsTracker(directory, resume=resume_from is not None) if args.process_index == 0 else None
+    trainer = _dpo_trainer_class()(
+        model=bundle.model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=bundle.tokenizer,
+        callbacks=[*stage_callbacks(config, tracker, reporters, []), *callbacks],
+        identity=identity,
+    )
+    resume = str(resume_from) if resume_from is not None else None
+    add_progress_and_resume_callbacks(trainer, resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    bundle.model.eval()
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    accuracies = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
+    return {"steps": trainer.state.global_step, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
+            "train_tokens": trainer.state.num_input_tokens_seen, "final_loss": losses[-1] if losses else None,
+            "reward_accuracy": accuracies[-1] if accuracies else None}
