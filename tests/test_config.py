@@ -134,3 +134,15 @@ def test_cli_out_of_range_value_exits_2(capsys):
 def test_cli_missing_config_file_exits_2(capsys):
     assert main(["train", "--config", "configs/nope.yaml", "--dry-run"]) == 2
     assert "configs/nope.yaml: file not found" in capsys.readouterr().err
+
+
+def test_a_run_file_builds_on_another_through_run_profile():
+    quality = load_training_config(ROOT / "configs/quality.yaml")
+    demo = load_training_config(ROOT / "configs/demo.yaml")
+    assert quality.run.name == "kwanzaa-quality" and quality.training.preference.enabled
+    assert quality.training.preference.near_miss_file == "data/kwanzaa_near_miss.jsonl"
+    same = {"run": {"name"}, "training": {"preference"}}
+    for section, values in demo.to_dict().items():
+        for key, value in values.items():
+            if key not in same.get(section, set()):
+                assert quality.to_dict()[section][key] == value, f"{section}.{key}"

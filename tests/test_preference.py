@@ -119,6 +119,18 @@ def test_a_near_miss_line_naming_no_mining_line_fails_step_one_by_file_and_line(
     assert f"{near_miss}:1: meta.near_miss_of 'no-such-line'" in capsys.readouterr().err
 
 
+def test_a_near_miss_line_from_the_eval_split_fails_step_one(tmp_path, tiny_model_dir, capsys):
+    config = write_run_config(tmp_path, tiny_model_dir)
+    train_line = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
+    eval_line = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])
+    eval_line["meta"] = {**eval_line["meta"], "expect_refusal": True, "near_miss_of": train_line["meta"]["id"]}
+    near_miss = tmp_path / "near_miss.jsonl"
+    near_miss.write_text(json.dumps(eval_line) + "\n")
+    assert main(["train", "--config", str(config), "--set", "training.preference.enabled=true",
+                 "--set", f"training.preference.near_miss_file={near_miss}"]) == 2
+    assert f"{near_miss}:1: this prompt is in the eval split" in capsys.readouterr().err
+
+
 def test_near_miss_pairs_take_the_original_answer_as_rejected(tmp_path, tiny_model_dir):
     config_path = write_run_config(tmp_path, tiny_model_dir)
     lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
@@ -223,3 +235,10 @@ def test_no_mined_pairs_publishes_the_supervised_adapter_and_says_so(supervised_
     assert only["pairs"] == 0 and only["steps"] == 0
     assert "no pairs mined" in caplog.text
     assert "round 1: 0 pairs (no errors of 8 mined" in (result.artifact_dir / "README.md").read_text()
+
+
+def test_dry_run_names_the_preference_stage(tmp_path, tiny_model_dir, capsys):
+    config = write_run_config(tmp_path, tiny_model_dir, training={"preference": PREFERENCE})
+    assert main(["train", "--config", str(config), "--dry-run"]) == 0
+    assert "preference      DPO, beta 0.1, 1 round(s) mining 8 training examples" in capsys.readouterr().out
+    assert not (tmp_path / "outputs").exists()

@@ -115,6 +115,17 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
     return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing)
 
 
+def preference_plan(config: KwanzaaConfig) -> str:
+    """The dry run's line on training.preference; its time is not in the estimate (it depends on the
+    pairs the supervised adapter's errors give)."""
+    p = config.training.preference
+    if not p.enabled:
+        return "off"
+    near = f", near-miss pairs from {p.near_miss_file}" if p.near_miss_file else ""
+    return (f"DPO, beta {p.beta}, {p.rounds} round(s) mining {p.mining_examples} training examples{near}, "
+            f"{p.num_epochs} epoch(s) at lr {p.learning_rate}; not in the time estimate below")
+
+
 def format_plan(config: KwanzaaConfig, source, arch: ArchitectureConfig, arch_origin: str, train_rows: int,
                 eval_rows: int, device: str, precision: PrecisionDecision, checkpointing: bool) -> str:
     t, a, q = config.training, config.adapter, config.quantization
@@ -147,6 +158,7 @@ def format_plan(config: KwanzaaConfig, source, arch: ArchitectureConfig, arch_or
         f"  optimizer       {t.optimizer}, clip {t.max_grad_norm}, gradient checkpointing "
         f"{'on' if checkpointing else 'off'}{' (auto)' if t.gradient_checkpointing == 'auto' else ''}, "
         f"device {device}",
+        f"  preference      {preference_plan(config)}",
         f"  output          {config.run_dir}",
         f"Estimated {device} memory (batch of {t.per_device_batch_size} x {config.data.max_seq_length} tokens):",
     ]

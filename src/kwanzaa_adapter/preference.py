@@ -48,10 +48,12 @@ MINING_FILE = "mining.json"
 
 @dataclass(frozen=True)
 class MiningSet:
-    """The one-answer lines a round may draw from, and what was left out of them (by reason)."""
+    """The one-answer lines a round may draw from, what was left out of them (by reason), and the
+    eval split's prompts, which no pair may hold."""
 
     items: list[EvalItem]
     skipped: dict = field(default_factory=dict)
+    eval_prompts: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def load_mining_set(path: str | Path, eval_path: str | Path, system_prompt: str)
     if not items:
         raise EvaluationDataError(f"{path}: no line to mine on: preference mining needs chat lines with one "
                                   "assistant turn and meta.id, meta.expect_refusal and meta.documents")
-    return MiningSet(items, dict(skipped))
+    return MiningSet(items, dict(skipped), frozenset(eval_prompts))
 
 
 def _prompts_of(path: str | Path, system_prompt: str) -> set[str]:
@@ -164,6 +166,9 @@ def load_near_miss_pairs(path: str | Path, mining: MiningSet, system_prompt: str
             if not isinstance(original_id, str):
                 raise EvaluationDataError(f"{where}: meta.near_miss_of is missing: name the id of the mining-file "
                                           "line whose answering document this line swaps out")
+            if _user_turns(item) in mining.eval_prompts:
+                raise EvaluationDataError(f"{where}: this prompt is in the eval split ({Path(path).name} would "
+                                          "train on what the adapter is judged by)")
             original = by_id.get(original_id)
             if original is None:
                 raise EvaluationDataError(f"{where}: meta.near_miss_of {original_id!r} is not a one-answer line of "
