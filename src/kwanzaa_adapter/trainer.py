@@ -270,10 +270,20 @@ def checkpointing_arguments(enabled: bool, arguments_class=None) -> dict:
             f"{prefix}_checkpointing_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def runtime_arguments(config: KwanzaaConfig, device: str, precision: str) -> dict:
+    """What both stages' arguments share: seeding and determinism, device and autocast, checkpoint
+    cadence, and no reporting of their own (RunMonitor's callbacks report)."""
+    c = config.checkpointing
+    return dict(save_strategy="steps", save_steps=c.save_steps, save_total_limit=c.save_total_limit,
+                data_seed=config.run.seed, full_determinism=config.run.deterministic, use_cpu=device == "cpu",
+                bf16=precision == "bfloat16", fp16=precision == "float16", report_to="none",
+                dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", disable_tqdm=False)
+
+
 def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer: str,
                              gradient_checkpointing: bool, precision: str = "float32") -> TrainingArguments:
     """The Trainer's arguments; `precision` is the resolved model.precision (it sets autocast)."""
-    t, e, c = config.training, config.evaluation, config.checkpointing
+    t, e = config.training, config.evaluation
     early = e.early_stopping_patience is not None
     return TrainingArguments(
         output_dir=str(run.path),
@@ -288,25 +298,14 @@ def build_training_arguments(config: KwanzaaConfig, run, device: str, optimizer:
         # Evaluation needs only the loss: without this the Trainer gathers every batch's logits
         # (positions x vocabulary) until the pass ends.
         prediction_loss_only=True,
-        save_strategy="steps",
-        save_steps=c.save_steps,
-        save_total_limit=c.save_total_limit,
         load_best_model_at_end=early,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        data_seed=config.run.seed,
-        full_determinism=config.run.deterministic,
-        use_cpu=device == "cpu",
-        bf16=precision == "bfloat16",
-        fp16=precision == "float16",
         # The reporting callbacks come from RunMonitor, after MetricsRecorder so they see what it adds.
-        report_to="none",
+        **runtime_arguments(config, device, precision),
         include_num_input_tokens_seen="non_padding" if config.data.batching == "length_grouped" else "all",
         train_sampling_strategy="group_by_length" if config.data.batching == "length_grouped" else "random",
         remove_unused_columns=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda",
-        disable_tqdm=False,
     )
 
 
@@ -394,7 +393,7 @@ def preference_arguments(config: KwanzaaConfig, directory: Path, device: str, op
     the stage's own epochs, rate and accumulation, the reference log-probabilities computed once."""
     from trl import DPOConfig
 
-    p, t, c = config.training.preference, config.training, config.checkpointing
+    p, t = config.training.preference, config.training
     schedule = {**schedule_arguments(config), "num_train_epochs": p.num_epochs, "learning_rate": p.learning_rate,
                 "gradient_accumulation_steps": p.gradient_accumulation_steps}
     loss = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, p.sft_weight]} if p.sft_weight \
@@ -411,19 +410,8 @@ def preference_arguments(config: KwanzaaConfig, directory: Path, device: str, op
         **checkpointing_arguments(gradient_checkpointing, DPOConfig),
         logging_steps=t.logging_steps,
         eval_strategy="no",
-        save_strategy="steps",
-        save_steps=c.save_steps,
-        save_total_limit=c.save_total_limit,
-        data_seed=config.run.seed,
-        full_determinism=config.run.deterministic,
-        use_cpu=device == "cpu",
-        bf16=precision == "bfloat16",
-        fp16=precision == "float16",
-        report_to="none",
+        **runtime_arguments(config, device, precision),
         include_num_input_tokens_seen="all",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=device == "cuda",
-        disable_tqdm=False,
     )
 
 
