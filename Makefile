@@ -23,6 +23,8 @@ model: setup
 	$(BIN)/kwanzaa-adapter prepare-model smollm2-135m-instruct
 
 test: setup
+	# The layers: imports go down, never up, never in a circle (pyproject.toml, [tool.importlinter]).
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 demo: model

@@ -35,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_generation import load_adapter_model  # noqa: E402
 
-from kwanzaa_adapter.evaluation import EvalItem, load_eval_items  # noqa: E402
-from kwanzaa_adapter.metrics import content_words, split_sentences  # noqa: E402
+from kwanzaa_adapter.evaluation.eval_set import EvalItem, load_eval_items  # noqa: E402
+from kwanzaa_adapter.evaluation.metrics import content_words, split_sentences  # noqa: E402
 
 DEFAULT_EVAL_FILE = Path("data/kwanzaa_eval_records.jsonl")
 DEFAULT_REFUSAL_OPENING = "The documents do not"

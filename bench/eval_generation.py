@@ -15,15 +15,17 @@ from pathlib import Path
 
 import torch
 
-from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT, Document, RagRecord, render_record
-from kwanzaa_adapter.evaluation import generate, load_eval_items
+from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT
+from kwanzaa_adapter.data.records import Document, RagRecord, render_record
+from kwanzaa_adapter.evaluation.eval_set import load_eval_items
+from kwanzaa_adapter.generation.decoding import generate
 
 DEFAULT_EVAL_FILE = Path("data/kwanzaa_eval_records.jsonl")
 PRINCIPLES = ["Umoja", "Kujichagulia", "Ujima", "Ujamaa", "Nia", "Kuumba", "Imani"]
 
 
 def default_model_dir() -> Path:
-    from kwanzaa_adapter.model_sources import convert_gguf, locate_packaged_gguf
+    from kwanzaa_adapter.modeling.sources import convert_gguf, locate_packaged_gguf
 
     return convert_gguf(locate_packaged_gguf("smollm2-135m-instruct"))
 
@@ -87,8 +89,8 @@ def measure(model_dir: Path | None = None, eval_file: Path = DEFAULT_EVAL_FILE, 
 
 def load_adapter_model(config_path: Path, artifact: Path, device: str = "cpu", overrides: tuple[str, ...] = ()):
     """(model, tokenizer): the verified adapter on its base, loaded as `kwanzaa-adapter eval` loads it."""
+    from kwanzaa_adapter.backend.models.factory import model_from_config
     from kwanzaa_adapter.config import load_training_config
-    from kwanzaa_adapter.models.factory import model_from_config
 
     loaded = model_from_config(load_training_config(config_path, overrides), adapter=artifact, device=device)
     return loaded.model, loaded.tokenizer

@@ -171,8 +171,8 @@ def stage_setup(check: Check) -> dict:
 
 
 def stage_workflow(check: Check) -> dict:
-    from kwanzaa_adapter.train_adapter import train_adapter
-    from kwanzaa_adapter.verification import compute_model_state_checksum, load_base_model_checksums
+    from kwanzaa_adapter.safety.checksums import compute_model_state_checksum, load_base_model_checksums
+    from kwanzaa_adapter.training.workflow import train_adapter
 
     config_path = check.needs(check.config_path, "setup")
     run = timed_training(check, lambda probe: train_adapter(config_path, callbacks=(probe,)))
@@ -186,7 +186,7 @@ def stage_workflow(check: Check) -> dict:
 
 
 def stage_verify(check: Check) -> dict:
-    from kwanzaa_adapter.artifacts import verify_artifact
+    from kwanzaa_adapter.safety.artifacts import verify_artifact
 
     report = verify_artifact(check.needs(check.artifact, "workflow"))
     if not report.ok:
@@ -195,9 +195,9 @@ def stage_verify(check: Check) -> dict:
 
 
 def stage_generation(check: Check) -> dict:
+    from kwanzaa_adapter.backend.models.factory import model_from_config
     from kwanzaa_adapter.config import load_training_config
-    from kwanzaa_adapter.evaluation import load_eval_items
-    from kwanzaa_adapter.models.factory import model_from_config
+    from kwanzaa_adapter.evaluation.eval_set import load_eval_items
 
     p = check.profile
     config = load_training_config(check.needs(check.config_path, "setup"))
@@ -230,8 +230,8 @@ def decode(model, tokenizer, prompts: list[list[dict]], new_tokens: int) -> tupl
 
 def stage_memory_7b(check: Check) -> dict:
     from kwanzaa_adapter.config import load_training_config
-    from kwanzaa_adapter.planning import architecture_from_hf_config
-    from kwanzaa_adapter.train_adapter import initialize_model, load_datasets
+    from kwanzaa_adapter.modeling.planning import architecture_from_hf_config
+    from kwanzaa_adapter.training.workflow import initialize_model, load_datasets
 
     p = check.profile
     check.needs(check.config_path, "setup")  # and its slices of the shipped data
@@ -261,11 +261,11 @@ def stage_memory_7b(check: Check) -> dict:
 def measure_steps(check: Check, config, bundle, arch, rows: list[dict]) -> dict:
     """The project's Trainer for a few optimizer steps on `rows` (of data.max_seq_length tokens each):
     peak memory measured, and planned by the dry run's estimate for the same config."""
-    from kwanzaa_adapter.checkpointing import RunIdentity
-    from kwanzaa_adapter.planning import estimate_memory
-    from kwanzaa_adapter.rundir import RunDirectory
-    from kwanzaa_adapter.train_adapter import Datasets
-    from kwanzaa_adapter.trainer import run_trainer
+    from kwanzaa_adapter.modeling.planning import estimate_memory
+    from kwanzaa_adapter.training.checkpointing import RunIdentity
+    from kwanzaa_adapter.training.rundir import RunDirectory
+    from kwanzaa_adapter.training.trainer import run_trainer
+    from kwanzaa_adapter.training.workflow import Datasets
 
     length = config.data.max_seq_length
     run = RunDirectory(check.work / f"memory-{length}", "0.0.0")
@@ -293,8 +293,8 @@ def stage_trl(check: Check) -> dict:
                            "leaves datasets, pyarrow and pandas out: with bitsandbytes they exceed the 64 MiB carry)")
     import throughput
 
-    from kwanzaa_adapter import modeling
     from kwanzaa_adapter.config import load_training_config
+    from kwanzaa_adapter.modeling import loading as modeling
 
     config_path = check.needs(check.config_path, "setup")
     precision = modeling.run_precision(load_training_config(config_path), check.device).resolved
@@ -353,7 +353,7 @@ def run_stage(check: Check, name: str, stage: Callable[[Check], dict]) -> dict:
 
 
 def header(profile: Profile, budget_s: float) -> dict:
-    from kwanzaa_adapter.precision import machine_identity
+    from kwanzaa_adapter.modeling.precision import machine_identity
 
     identity = machine_identity("cuda" if profile.device == "cuda" and torch.cuda.is_available() else "cpu")
     return {"check": "bench/gpu_check.py", "device": profile.device,

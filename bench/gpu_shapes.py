@@ -57,7 +57,7 @@ def load_tokenizer(directory: Path | None):
 
     if directory is not None:
         return AutoTokenizer.from_pretrained(directory)
-    from kwanzaa_adapter.model_sources import locate_packaged_gguf
+    from kwanzaa_adapter.modeling.sources import locate_packaged_gguf
 
     gguf = locate_packaged_gguf("smollm2-135m-instruct")
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from kwanzaa_adapter.backend.models.causal_lm import load_base_as_trained
 from kwanzaa_adapter.config import load_training_config
-from kwanzaa_adapter.modeling import run_precision
-from kwanzaa_adapter.models.causal_lm import load_base_as_trained
-from kwanzaa_adapter.verification import _base_tensors, _quant_state_parts, compute_model_state_checksum
+from kwanzaa_adapter.modeling.loading import run_precision
+from kwanzaa_adapter.safety.checksums import _base_tensors, _quant_state_parts, compute_model_state_checksum
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 TARGET_RATIO = 0.8

@@ -27,9 +27,10 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decision import refusal_probability, summarize  # noqa: E402
 
-from kwanzaa_adapter.checkpointing import RunIdentity  # noqa: E402
 from kwanzaa_adapter.config import load_training_config  # noqa: E402
-from kwanzaa_adapter.evaluation import evaluate, load_eval_items  # noqa: E402
+from kwanzaa_adapter.evaluation.eval_set import load_eval_items
+from kwanzaa_adapter.evaluation.runs import evaluate  # noqa: E402
+from kwanzaa_adapter.training.checkpointing import RunIdentity  # noqa: E402
 
 RATES = ("json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate")
 
@@ -38,8 +39,8 @@ def trainable_adapter(config, artifact: Path):
     """The artifact's adapter on the 4-bit base, prepared as the workflow prepares it, trainable."""
     from peft import PeftModel
 
-    from kwanzaa_adapter import modeling
-    from kwanzaa_adapter.artifacts import verify_artifact
+    from kwanzaa_adapter.modeling import loading as modeling
+    from kwanzaa_adapter.safety.artifacts import verify_artifact
 
     report = verify_artifact(artifact)
     if not report.ok:
@@ -85,7 +86,7 @@ def main() -> None:
     bundle = trainable_adapter(config, args.adapter)
     stage = None
     if not args.no_preference:
-        from kwanzaa_adapter.preference import run_preference
+        from kwanzaa_adapter.training.preference import run_preference
 
         args.out.mkdir(parents=True, exist_ok=True)
         identity = RunIdentity(config.digest(), {}, "bench")

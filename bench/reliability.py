@@ -48,9 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from conftest import build_tiny_model, packaged_gguf_path, write_run_config  # noqa: E402
 from tests.reliability.corpus import HostileCase, build_corpus  # noqa: E402
-from tests.reliability.signatures import attack_name, build_signature_attacks  # noqa: E402
 from tests.reliability.crash import (  # noqa: E402
     FAULT_POINTS,
     KILL_RUN,
@@ -59,6 +57,9 @@ from tests.reliability.crash import (  # noqa: E402
     kill_and_resume,
     reference_run,
 )
+from tests.reliability.signatures import attack_name, build_signature_attacks  # noqa: E402
+
+from conftest import build_tiny_model, packaged_gguf_path, write_run_config  # noqa: E402
 
 DEFAULT_TIMERS = 5  # with the 9 fault points that resume from a checkpoint: >= 10 real resumes
 HOSTILE_TIME_BOX_S = 120
@@ -130,11 +131,13 @@ def signature_attacks(root: Path) -> tuple[int, int, list[dict]]:
 
 
 def server_flood(config: Path, artifact: Path):
-    from kwanzaa_adapter.config import load_training_config
-    from kwanzaa_adapter.models import model_from_config
-    from kwanzaa_adapter.serving import ServeLimits, create_app
-    from test_serve import running
+    from helpers import running
     from tests.reliability.flood import KEY, flood, still_answers
+
+    from kwanzaa_adapter.backend.models import model_from_config
+    from kwanzaa_adapter.backend.serving.schemas import ServeLimits
+    from kwanzaa_adapter.backend.serving.server import create_app
+    from kwanzaa_adapter.config import load_training_config
 
     model = model_from_config(load_training_config(config, ("evaluation.max_new_tokens=4",)), adapter=artifact)
     with running(create_app(model, ServeLimits(), api_key=KEY)) as url:

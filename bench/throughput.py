@@ -14,7 +14,7 @@ ours runs `train_adapter()`, the workflow users run (behavioral evaluation off);
 `SFTTrainer` at `SFTConfig` defaults except for what must be equal (see bench/NOTES.md); "trl
 tuned" is the same with gradient checkpointing off (the LoRA dropout is already ours on both).
 Every side runs in the precision this CPU multiplies fast (`model.precision: auto`, measured by
-the probe of precision.py): bf16 where AVX512-BF16/AMX make it clearly faster, else fp32, TRL's
+the probe of modeling/precision.py): bf16 where AVX512-BF16/AMX make it clearly faster, else fp32, TRL's
 bf16 default included. The rounds are interleaved (ours, trl, trl tuned, ours, ...) and each
 figure is the median of `--repeats` runs with its spread (min-max).
 
@@ -238,15 +238,16 @@ def matmul_peak(dtype: str, size: int = 2048, repeats: int = 5) -> float:
 
 def machine_precision(config_path: Path, overrides: list[str]) -> dict:
     """The config's model.precision resolved on this CPU, the probe behind it, and the CPU class it implies."""
-    from kwanzaa_adapter import model_sources, modeling
-    from kwanzaa_adapter.precision import FAST_FACTOR, machine_identity
+    from kwanzaa_adapter.modeling import loading as modeling
+    from kwanzaa_adapter.modeling import sources as model_sources
+    from kwanzaa_adapter.modeling.precision import FAST_FACTOR, machine_identity
 
     config = load_config(config_path, overrides)
     decision = modeling.run_precision(config, "cpu")
     identity = machine_identity()
     probe = decision.probe
     if probe is None or "bfloat16" not in probe.gflops:  # an explicit fp32 measures nothing; ask the probe
-        from kwanzaa_adapter.precision import cached_probe, probe_shape
+        from kwanzaa_adapter.modeling.precision import cached_probe, probe_shape
 
         arch, _ = modeling.resolve_architecture(config, model_sources.resolve_model_reference(config.model.name_or_path))
         probe, _ = cached_probe(probe_shape(arch.hidden_size, arch.intermediate_size), ("float32", "bfloat16"),
@@ -353,9 +354,9 @@ def assistant_token_loss(model, tokenizer, eval_file: Path, max_seq_length: int,
     import torch
     import torch.nn.functional as F
 
-    from kwanzaa_adapter.data.tokenization import tokenize_conversation
+    from kwanzaa_adapter.data.chat_template import tokenize_conversation
     from kwanzaa_adapter.data.validation import load_examples
-    from kwanzaa_adapter.modeling import keep_4bit_layout_fixed
+    from kwanzaa_adapter.modeling.loading import keep_4bit_layout_fixed
 
     keep_4bit_layout_fixed(model)  # the eval-mode CPU kernel would repack the 4-bit weights
     model.eval()
@@ -389,7 +390,7 @@ def load_config(config_path: Path, overrides: list[str]):
 
 def train_ours(work: Path, config_path: Path, overrides: list[str], probe) -> dict:
     """This project's workflow, as `kwanzaa-adapter train` runs it (behavioral evaluation off)."""
-    from kwanzaa_adapter.train_adapter import train_adapter
+    from kwanzaa_adapter.training.workflow import train_adapter
 
     result = train_adapter(config_path, tuple(overrides), output_dir=str(work / "ours-out"), callbacks=(probe,))
     return {"artifact": str(result.artifact_dir), "config_eval_loss": result.summary.get("final_eval_loss")}
@@ -412,9 +413,10 @@ def train_trl(work: Path, config_path: Path, overrides: list[str], probe, tuned:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from kwanzaa_adapter import model_sources, modeling
     from kwanzaa_adapter.data.validation import load_examples
-    from kwanzaa_adapter.trainer import schedule_arguments
+    from kwanzaa_adapter.modeling import loading as modeling
+    from kwanzaa_adapter.modeling import sources as model_sources
+    from kwanzaa_adapter.training.trainer import schedule_arguments
 
     config = load_config(config_path, overrides)
     precision = config.model.precision  # set by the parent to the resolved one
@@ -458,7 +460,7 @@ def child(side: str, work: Path, config_path: Path, overrides: list[str]) -> Non
         extra = train_trl(work, config_path, overrides, probe, tuned=side == "trl_tuned")
     wall = time.perf_counter() - started
 
-    from kwanzaa_adapter.planning import linear_shapes
+    from kwanzaa_adapter.modeling.planning import linear_shapes
 
     config = load_config(config_path, overrides)
     model_config = probe.model.config

@@ -27,15 +27,8 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kwanzaa_adapter.answer import CONTRACT_VERSION, Answer
-from kwanzaa_adapter.data.records import (
-    DEFAULT_SYSTEM_PROMPT,
-    ChatExample,
-    Document,
-    RagRecord,
-    render_record,
-    render_user_turn,
-)
+from kwanzaa_adapter.contract import CONTRACT_VERSION, DEFAULT_SYSTEM_PROMPT, Answer
+from kwanzaa_adapter.data.records import ChatExample, Document, RagRecord, render_record, render_user_turn
 
 SEED = 1966
 DATA_DIR = Path(__file__).resolve().parent

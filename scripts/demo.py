@@ -16,9 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kwanzaa_adapter.answer import Answer
 from kwanzaa_adapter.cli import configure_logging
 from kwanzaa_adapter.cli import main as cli
+from kwanzaa_adapter.contract import Answer
 
 
 def peak_rss_mib() -> float:
@@ -87,8 +87,8 @@ def measured_phases(metadata: dict, wall: float) -> dict[str, float]:
 
 def run(config: str = "configs/demo.yaml") -> int:
     configure_logging()
-    from kwanzaa_adapter.dryrun import make_plan
-    from kwanzaa_adapter.train_adapter import train_adapter
+    from kwanzaa_adapter.cli.dryrun import make_plan
+    from kwanzaa_adapter.training.workflow import train_adapter
 
     print(f"$ kwanzaa-adapter train --config {config} --dry-run", flush=True)
     plan = make_plan(config)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_model, write_run_config
-from kwanzaa_adapter.train_adapter import train_adapter
+from kwanzaa_adapter.training.workflow import train_adapter
 
 RECORDS = Path(__file__).resolve().parents[1] / "data" / "kwanzaa_eval_records.jsonl"
 

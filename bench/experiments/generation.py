@@ -9,9 +9,10 @@ import time
 import torch
 from peft import LoraConfig, get_peft_model
 
-from kwanzaa_adapter import modeling
-from kwanzaa_adapter.evaluation import _encode, load_eval_items
-from kwanzaa_adapter.train_adapter import load_configuration
+from kwanzaa_adapter.evaluation.eval_set import load_eval_items
+from kwanzaa_adapter.generation.decoding import _encode
+from kwanzaa_adapter.modeling import loading as modeling
+from kwanzaa_adapter.training.workflow import load_configuration
 
 NEW_TOKENS = 64
 precision = sys.argv[1]

@@ -8,10 +8,10 @@ import time
 
 import torch
 
-from kwanzaa_adapter import modeling
 from kwanzaa_adapter.data.collation import make_collator
 from kwanzaa_adapter.data.supervised_logits import SupervisedLogitsCollator, supervised_loss
-from kwanzaa_adapter.train_adapter import ModelBundle, load_configuration, load_datasets
+from kwanzaa_adapter.modeling import loading as modeling
+from kwanzaa_adapter.training.workflow import ModelBundle, load_configuration, load_datasets
 
 precision = sys.argv[1]
 config = load_configuration("configs/demo.yaml", (f"model.precision={precision}",), None)

@@ -282,7 +282,7 @@ def _data_cases() -> dict[str, Case]:
 
 
 def _sealed_artifact(case_dir: Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
-    from kwanzaa_adapter.artifacts import seal_artifact
+    from kwanzaa_adapter.safety.artifacts import seal_artifact
 
     root = case_dir / "artifact"
     root.mkdir()
@@ -308,7 +308,7 @@ def _artifact_cases() -> dict[str, Case]:
             root = _sealed_artifact(case_dir)
             change(root)
             if reseal:
-                from kwanzaa_adapter.artifacts import build_manifest, write_manifest
+                from kwanzaa_adapter.safety.artifacts import build_manifest, write_manifest
 
                 write_manifest(build_manifest(root), root / "checksums.json")
             return ("verify", str(root))

@@ -1,7 +1,7 @@
 """Kill a tiny training run (SIGKILL) at chosen moments, resume it, and compare with an uninterrupted run.
 
 Each run is a `python -m kwanzaa_adapter.cli train` subprocess. A kill comes either from the
-fault hook (`KWANZAA_ADAPTER_FAULT=<point>:<n>`, see kwanzaa_adapter/faults.py) or from a timer
+fault hook (`KWANZAA_ADAPTER_FAULT=<point>:<n>`, see kwanzaa_adapter/training/faults.py) or from a timer
 counted from a moment of training (the Trainer's start, a checkpoint's publication), so that it
 lands in training rather than in start-up.
 After the kill the run directory must show no partial checkpoint or artifact; the run is then
@@ -28,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kwanzaa_adapter.artifacts import verify_artifact
-from kwanzaa_adapter.checkpointing import checkpoint_problems
-from kwanzaa_adapter.rundir import CHECKPOINT, checkpoints
+from kwanzaa_adapter.safety.artifacts import verify_artifact
+from kwanzaa_adapter.training.checkpointing import checkpoint_problems
+from kwanzaa_adapter.training.rundir import CHECKPOINT, checkpoints
 
 RUN_TIMEOUT_S = 600
 POLL_S = 0.02
@@ -134,12 +134,12 @@ def partial_files(run_dir: Path) -> list[str]:
 
 
 def checkpoint_state(checkpoint: Path) -> dict:
-    """What resuming from `checkpoint` must load, as the resumed run records it (trainer.py):
+    """What resuming from `checkpoint` must load, as the resumed run records it (training/trainer.py):
     the step, the optimizer moments' digest and the digest of the CPU RNG state."""
     import torch
     from transformers.trainer_pt_utils import safe_globals
 
-    from kwanzaa_adapter.trainer import optimizer_moments_digest
+    from kwanzaa_adapter.training.trainer import optimizer_moments_digest
 
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)

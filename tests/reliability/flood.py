@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from kwanzaa_adapter.serving import ServeLimits
+from kwanzaa_adapter.backend.serving.schemas import ServeLimits
 
 KEY = "flood-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -27,7 +27,7 @@ WEIGHTS = "adapter_model.safetensors"
 
 def _reseal(root: Path) -> None:
     """What an attacker with write access does after replacing files: recompute checksums.json."""
-    from kwanzaa_adapter.artifacts import seal_artifact
+    from kwanzaa_adapter.safety.artifacts import seal_artifact
 
     seal_artifact(root)
 
@@ -72,7 +72,7 @@ def _signature_removed(root: Path, _: Path) -> None:
 
 def _statement_altered(root: Path, _: Path) -> None:
     """The signed statement edited to match replaced weights, the signature bytes kept."""
-    from kwanzaa_adapter.artifacts import sha256_file
+    from kwanzaa_adapter.safety.artifacts import sha256_file
 
     _replace_weights(root, _)
     bundle = json.loads((root / "model.sig").read_text())
@@ -98,14 +98,14 @@ ATTACKS: dict[str, tuple[str, Callable[[Path, Path], None]]] = {
 
 
 def _sign(root: Path, key: Path, replace: bool = False) -> None:
-    from kwanzaa_adapter.signing import sign_artifact
+    from kwanzaa_adapter.safety.signing import sign_artifact
 
     sign_artifact(root, key, replace=replace)
 
 
 def make_keys(directory: Path) -> dict[str, Path]:
     """Two key pairs, `trusted` and `untrusted` (private key path; the public key beside it as .pub)."""
-    from kwanzaa_adapter.signing import generate_key_pair
+    from kwanzaa_adapter.safety.signing import generate_key_pair
 
     directory.mkdir(parents=True, exist_ok=True)
     keys = {}

@@ -23,12 +23,12 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import write_run_config
+from helpers import CrashAfter
 from kwanzaa_adapter import cli
-from kwanzaa_adapter.artifacts import verify_artifact
-from kwanzaa_adapter.checkpointing import IDENTITY_FILE, checkpoint_problems
-from kwanzaa_adapter.rundir import checkpoints
-from kwanzaa_adapter.train_adapter import train_adapter
-from test_train_workflow import CrashAfter
+from kwanzaa_adapter.safety.artifacts import verify_artifact
+from kwanzaa_adapter.training.checkpointing import IDENTITY_FILE, checkpoint_problems
+from kwanzaa_adapter.training.rundir import checkpoints
+from kwanzaa_adapter.training.workflow import train_adapter
 
 from .corpus import snapshot
 from .crash import (
@@ -195,7 +195,7 @@ def test_full_disk_during_the_artifact_write_fails_cleanly_and_keeps_the_publish
                                                                                          capsys):
     config, run_dir, _ = resumed
     published = snapshot(run_dir / "final_artifact")
-    from kwanzaa_adapter import publishing
+    from kwanzaa_adapter.training import publishing
 
     def full_disk(directory):
         (Path(directory) / "checksums.json").write_bytes(b'{"algorithm": "sha')  # what fitted

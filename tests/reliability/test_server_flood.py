@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import running
+from kwanzaa_adapter.backend.models import model_from_config
+from kwanzaa_adapter.backend.serving.schemas import ServeLimits
+from kwanzaa_adapter.backend.serving.server import create_app
 from kwanzaa_adapter.config import load_training_config
-from kwanzaa_adapter.models import model_from_config
-from kwanzaa_adapter.serving import ServeLimits, create_app
-from test_serve import running
 from tiny_artifact import tiny_artifact  # noqa: F401
 
 from .flood import KEY, bad_requests, flood, still_answers

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from transformers import DataCollatorWithFlattening
 
-from kwanzaa_adapter.data.tokenization import IGNORE_INDEX, TokenizedExample
+from kwanzaa_adapter.data.chat_template import IGNORE_INDEX, TokenizedExample
 
 Feature = Mapping[str, Sequence[int]] | TokenizedExample
 

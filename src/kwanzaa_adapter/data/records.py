@@ -10,13 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kwanzaa_adapter.answer import Answer
-
-DEFAULT_SYSTEM_PROMPT = (
-    "Answer the question using only the numbered documents. Reply with one JSON object in the "
-    "kwanzaa.answer.v1 format and cite documents as [n]. If the documents do not hold the answer, "
-    "set completeness to insufficient_data and leave sources empty."
-)
+from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT, Answer
 
 
 class _Strict(BaseModel):

@@ -18,8 +18,9 @@ from typing import Any, Literal, Sequence
 
 from pydantic import ValidationError
 
-from kwanzaa_adapter.answer import CONTRACT_VERSION, parse_answer
-from kwanzaa_adapter.data.records import DEFAULT_SYSTEM_PROMPT, ChatExample, RagRecord, render_record
+from kwanzaa_adapter.contract import CONTRACT_VERSION, DEFAULT_SYSTEM_PROMPT, parse_answer
+from kwanzaa_adapter.data.chat_template import TemplateError, tokenize_conversation
+from kwanzaa_adapter.data.records import ChatExample, RagRecord, render_record
 
 MAX_LINE_BYTES = 1 << 20
 MAX_DEPTH = 64
@@ -345,9 +346,6 @@ def _issue_kind(form: Form, loc: tuple, kind_of_error: str) -> str:
 
 
 def _measure(conversation: Conversation, tokenizer, found: _Collector) -> TokenCount | None:
-    # Imported here: tokenization builds on this module's Conversation, Issue and DataError.
-    from kwanzaa_adapter.data.tokenization import TemplateError, tokenize_conversation
-
     try:
         example = tokenize_conversation(conversation.messages, tokenizer, None)
     except TemplateError as exc:

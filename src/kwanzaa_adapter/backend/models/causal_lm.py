@@ -1,0 +1,341 @@
+"""Any causal LM from a base-model profile: base (4-bit where configured) + verified adapter -> answers.
+
+The adapter is loaded only after `verify` passes on its artifact, and only onto the base model it
+was trained on: the base model's digest is computed as training computed it and compared with the
+one in the artifact's metadata. Prompts come from `render_record`, the renderer training uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.contract import Answer, parse_answer
+from kwanzaa_adapter.data.records import Document, RagRecord, render_record
+from kwanzaa_adapter.generation.decoding import end_of_turn_ids, generate
+from kwanzaa_adapter.generation.grammar import SchemaGrammar
+from kwanzaa_adapter.modeling.loading import (
+    AdapterVerificationError,
+    ModelReferenceError,
+    load_base_model,
+    load_verified_adapter,
+    prepare_quantized_base,
+    resolve_device,
+    run_precision,
+    set_compute_precision,
+)
+from kwanzaa_adapter.modeling.precision import PRECISIONS
+from kwanzaa_adapter.safety.artifacts import ArtifactError, verify_artifact
+from kwanzaa_adapter.safety.checksums import compute_model_state_checksum
+from kwanzaa_adapter.safety.signing import require_trusted_signature
+
+log = logging.getLogger(__name__)
+
+
+class BaseModelMismatchError(AdapterVerificationError):
+    """The loaded base model is not the one the adapter was trained on (exit 1)."""
+
+
+class ModelFamilyError(ModelReferenceError):
+    """The base model is not of an architecture the chosen model class serves (exit 2)."""
+
+
+class PromptTooLongError(ValueError):
+    """Prompt plus generation limit exceed the model's context window."""
+
+
+# --------------------------------------------------------------------------- adapter checks
+
+
+@dataclass(frozen=True)
+class VerifiedArtifact:
+    """An artifact that passed `verify`, with its metadata (read only after that)."""
+
+    path: Path
+    metadata: dict
+    report: str
+    trusted_keys: tuple = ()  # the keys its signature was checked against; checked again at load
+
+    @property
+    def trained_base_digest(self) -> str:
+        return self.metadata["base_model"]["model_digest"]
+
+    @property
+    def trained_precision(self) -> str | None:
+        """The dtype the base model was loaded in for training (artifacts before model.precision: None)."""
+        recorded = self.metadata.get("precision")
+        resolved = recorded.get("resolved") if isinstance(recorded, dict) else None
+        return resolved if resolved in PRECISIONS else None
+
+
+def verify_adapter_artifact(artifact: str | Path, trusted_keys: Sequence[str | Path] = ()) -> VerifiedArtifact:
+    """Verify the signature (with trusted keys; SignatureError) and the checksums (AdapterVerificationError
+    with the diff), then read the metadata."""
+    artifact = Path(artifact)
+    require_trusted_signature(artifact, trusted_keys)
+    report = verify_artifact(artifact)
+    if not report.ok:
+        raise AdapterVerificationError(f"refusing to load the adapter in {artifact}:\n{report.format()}")
+    metadata = json.loads((artifact / "metadata.json").read_text(encoding="utf-8"))
+    digest = metadata.get("base_model", {}).get("model_digest") if isinstance(metadata, dict) else None
+    if not isinstance(digest, str):
+        raise ArtifactError(f"{artifact / 'metadata.json'}: base_model.model_digest is missing; "
+                            "the artifact was not made by `kwanzaa-adapter train`")
+    return VerifiedArtifact(artifact, metadata, report.format(), tuple(trusted_keys))
+
+
+def base_digest_as_trained(model, config: KwanzaaConfig) -> str:
+    """The base model's digest as training recorded it in the artifact (`base_model.model_digest`).
+
+    Training takes its baseline after k-bit preparation, which may cast the unquantized fp16/bf16
+    parameters (norms, embeddings) to fp32; the same preparation is applied here, and it also gives
+    the adapter the numerics it was trained with.
+    """
+    if config.quantization.load_in_4bit:
+        prepare_quantized_base(model, config, gradient_checkpointing=False)
+    return compute_model_state_checksum(model)["model_digest"]
+
+
+def load_base_as_trained(config: KwanzaaConfig, device: str, precision: str):
+    """(model, tokenizer, source, digest): the base model loaded in `precision`, prepared and digested as
+    training did."""
+    model, tokenizer, source = load_base_model(config, device, precision)
+    return model, tokenizer, source, base_digest_as_trained(model, config)
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What was loaded and what was checked, for /healthz and logs."""
+
+    path: str
+    version: str | None
+    run_name: str | None
+    verification: str
+    trained_base_digest: str
+    base_digest_matches: bool
+
+    def as_json(self) -> dict:
+        return {"path": self.path, "version": self.version, "run_name": self.run_name, "verified": True,
+                "verification": self.verification, "trained_base_digest": self.trained_base_digest,
+                "base_digest_matches": self.base_digest_matches}
+
+
+def check_base_digest(artifact: VerifiedArtifact, loaded_digest: str, allow_mismatch: bool) -> AdapterInfo:
+    """Refuse an adapter trained on another base model unless `allow_mismatch`."""
+    expected, metadata = artifact.trained_base_digest, artifact.metadata
+    if expected != loaded_digest and not allow_mismatch:
+        reference = metadata["base_model"].get("reference", "?")
+        raise BaseModelMismatchError(
+            f"the adapter in {artifact.path} was trained on base model '{reference}' with digest {expected}, "
+            f"but the loaded base model has digest {loaded_digest}: point model.name_or_path at the "
+            "training base model (see the artifact's training_config.yaml), or pass --allow-base-mismatch "
+            "to load it anyway"
+        )
+    return AdapterInfo(
+        path=str(artifact.path), version=metadata.get("artifact_version"), run_name=metadata.get("run_name"),
+        verification=artifact.report, trained_base_digest=expected, base_digest_matches=expected == loaded_digest,
+    )
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class AnswerResult:
+    """A contract answer, or why the raw output is not one (the raw output is always kept)."""
+
+    raw_output: str
+    answer: Answer | None
+    error: str | None
+
+    @classmethod
+    def from_output(cls, raw: str) -> AnswerResult:
+        parsed = parse_answer(raw)
+        return cls(raw, parsed.answer, parsed.error)
+
+    @property
+    def ok(self) -> bool:
+        return self.answer is not None
+
+    def to_json(self) -> dict:
+        if self.answer is not None:
+            return {"answer": self.answer.model_dump(mode="json", exclude_none=True), "error": None}
+        return {"answer": None,
+                "error": {"type": "invalid_output", "message": self.error, "raw_output": self.raw_output}}
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ChatStream:
+    """Text pieces of one chat reply as they are generated; holds the model's lock while iterated.
+
+    After the iteration: `finish_reason` ("stop" at an end-of-turn token, "length" at the limit),
+    `prompt_tokens`, `completion_tokens` and `text`.
+    """
+
+    def __init__(self, owner: CausalLMModel, messages: Sequence[dict], max_new_tokens: int,
+                 temperature: float = 0.0, top_p: float = 1.0):
+        self.owner, self.max_new_tokens = owner, max_new_tokens
+        self.sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+            else {"do_sample": False}
+        self.prompt_ids = owner.encode(messages, max_new_tokens)
+        self.prompt_tokens, self.completion_tokens = len(self.prompt_ids), 0
+        self.finish_reason: str | None = None
+        self.text = ""
+
+    def __iter__(self) -> Iterator[str]:
+        owner = self.owner
+        with owner.lock:
+            streamer = TextIteratorStreamer(owner.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            cancel, outcome = threading.Event(), {}
+            stop_ids = end_of_turn_ids(owner.model, owner.tokenizer)
+            ids = torch.tensor([self.prompt_ids], device=owner.device)
+
+            def run() -> None:
+                try:
+                    with torch.inference_mode():
+                        outcome["ids"] = owner.model.generate(
+                            input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                            max_new_tokens=self.max_new_tokens, eos_token_id=stop_ids, pad_token_id=stop_ids[0],
+                            use_cache=True, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
+                            **self.sampling,
+                        )[0, len(self.prompt_ids):].tolist()
+                except BaseException as exc:  # re-raised in the consumer's thread
+                    outcome["error"] = exc
+                    streamer.end()
+
+            worker = threading.Thread(target=run, name="chat-generate", daemon=True)
+            worker.start()
+            try:
+                for piece in streamer:
+                    if piece:
+                        self.text += piece
+                        yield piece
+            finally:
+                cancel.set()
+                worker.join()
+            if "error" in outcome:
+                raise outcome["error"]
+            new = outcome["ids"]
+            stopped = bool(new) and new[-1] in stop_ids
+            self.completion_tokens = len(new)
+            self.finish_reason = "stop" if stopped or len(new) < self.max_new_tokens else "length"
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class CausalLMModel:
+    """A base model from a profile, optionally with a verified adapter, answering in the contract."""
+
+    family = "causal_lm"
+    model_types: frozenset[str] | None = None  # accepted `config.model_type`s; None accepts any
+
+    def __init__(self, config: KwanzaaConfig, adapter: str | Path | None = None, *,
+                 allow_base_mismatch: bool = False, device: str | None = None,
+                 trusted_keys: Sequence[str | Path] = ()):
+        self.config = config
+        self.device = resolve_device(device or config.training.device)
+        # Keys given here and artifacts.trusted_keys: with any, only an adapter one of them signed loads.
+        trusted = (*trusted_keys, *config.artifacts.trusted_keys)
+        verified = verify_adapter_artifact(adapter, trusted) if adapter is not None else None  # before the base loads
+        self.precision = run_precision(config, self.device)
+        # The base is loaded as the adapter was trained, so that its digest can prove it is that base;
+        # then it computes in the precision this machine runs fast (set_compute_precision).
+        loaded_as = (verified.trained_precision if verified else None) or self.precision.resolved
+        model, self.tokenizer, self.source, self.base_digest = load_base_as_trained(config, self.device, loaded_as)
+        self.check_model_type(model)
+        self.adapter: AdapterInfo | None = None
+        if adapter is not None:
+            self.adapter = check_base_digest(verified, self.base_digest, allow_base_mismatch)
+            model = load_verified_adapter(model, adapter, trusted)
+        if loaded_as != self.precision.resolved:
+            set_compute_precision(model, self.precision.dtype)
+            log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
+        self.model = model.eval()
+        self.lock = threading.Lock()  # one model: generations run one at a time
+
+    def check_model_type(self, model) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        if self.model_types is not None and model_type not in self.model_types:
+            raise ModelFamilyError(
+                f"model.family: '{self.family}' serves {sorted(self.model_types)} models, but "
+                f"{self.config.model.name_or_path} is a '{model_type}' model; set model.family: causal_lm"
+            )
+
+    @property
+    def name(self) -> str:
+        """The served model's name: the adapter's run and version, or the base model reference."""
+        if self.adapter is not None and self.adapter.run_name:
+            return f"{self.adapter.run_name}-v{self.adapter.version}"
+        return self.config.model.name_or_path
+
+    def describe(self) -> dict:
+        return {"family": self.family, "base_model": self.config.model.name_or_path,
+                "base_digest": self.base_digest, "precision": self.precision.resolved, "quantization": "4-bit " + self.config.quantization.quant_type
+                if self.config.quantization.load_in_4bit else "none",
+                "adapter": self.adapter.as_json() if self.adapter else None}
+
+    # --- answers
+
+    def prompt_for(self, question: str, documents: Sequence[Document]) -> list[dict]:
+        """The training renderer's chat turns for a question over documents."""
+        record = RagRecord(id="request", question=question, documents=list(documents), expect_refusal=False)
+        return render_record(record, self.config.data.system_prompt)
+
+    def answer(self, question: str, documents: Sequence[Document], max_new_tokens: int | None = None) -> AnswerResult:
+        prompt = self.prompt_for(question, documents)
+        self.encode(prompt, max_new_tokens or self.config.evaluation.max_new_tokens)  # fits the context window
+        return self.answer_prompts([prompt], max_new_tokens)[0]
+
+    def encode(self, messages: Sequence[dict], max_new_tokens: int) -> list[int]:
+        """Chat-templated prompt ids; PromptTooLongError when they and the answer would not fit."""
+        encoded = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = list(encoded["input_ids"])
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        if window is not None and len(ids) + max_new_tokens > window:
+            raise PromptTooLongError(f"the prompt is {len(ids)} tokens and {max_new_tokens} may be generated, "
+                                     f"but the model's context window is {window} tokens")
+        return ids
+
+    def answer_prompts(self, prompts: Sequence[list[dict]], max_new_tokens: int | None = None,
+                       progress: bool = False, constrained: bool | None = None) -> list[AnswerResult]:
+        """Batched greedy generation (evaluation settings), each output parsed into the contract;
+        `constrained` (default evaluation.constrained_decoding) holds every output to the contract."""
+        if constrained is None:
+            constrained = self.config.evaluation.constrained_decoding
+        if not prompts:
+            return []
+        with self.lock:
+            result = generate(self.model, self.tokenizer, prompts,
+                              max_new_tokens=max_new_tokens or self.config.evaluation.max_new_tokens,
+                              batch_size=self.config.evaluation.batch_size, progress=progress,
+                              grammar=self.contract_grammar if constrained else None)
+        return [AnswerResult.from_output(raw) for raw in result.outputs]
+
+    @functools.cached_property
+    def contract_grammar(self) -> SchemaGrammar:
+        """The answer contract as a grammar for this model's tokenizer (constrained decoding)."""
+        return SchemaGrammar(self.tokenizer)
+
+    # --- chat
+
+    def stream_chat(self, messages: Sequence[dict], max_new_tokens: int | None = None,
+                    temperature: float = 0.0, top_p: float = 1.0) -> ChatStream:
+        """Stream a reply to chat messages (greedy unless temperature > 0); iterate to generate."""
+        return ChatStream(self, messages, max_new_tokens or self.config.evaluation.max_new_tokens, temperature, top_p)

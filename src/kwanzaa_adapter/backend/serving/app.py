@@ -1,0 +1,264 @@
+"""The FastAPI app of `kwanzaa-adapter serve`: routes over the batch engine (see `server`)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from kwanzaa_adapter.backend.models.causal_lm import AnswerResult, CausalLMModel
+from kwanzaa_adapter.backend.serving.batching import BatchEngine, Event, Ticket
+from kwanzaa_adapter.backend.serving.guard import RequestGuard, error_response, rejection
+from kwanzaa_adapter.backend.serving.metrics import ServeMetrics
+from kwanzaa_adapter.backend.serving.schemas import (
+    AnswerRequest,
+    ChatCompletionRequest,
+    ResponseFormat,
+    ServeLimits,
+    ServeOptions,
+    check_answer_request,
+    check_chat_request,
+    generation_limit,
+)
+from kwanzaa_adapter.data.records import render_user_turn
+from kwanzaa_adapter.generation.grammar import SchemaGrammar
+
+
+def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, options: ServeOptions) -> FastAPI:
+    engine = BatchEngine(model.model, model.tokenizer, max_batch_size=options.max_batch_size,
+                         max_queue=options.max_queue, queue_timeout_s=options.queue_timeout_s,
+                         gather_s=options.gather_ms / 1000, lock=model.lock)
+    metrics = ServeMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
+    engine.on_batch = metrics.batch_done
+    grammars = GrammarCache(model)
+    model.contract_grammar  # noqa: B018 - compiled now (about half a second), not in the first request
+    app = FastAPI(title="kwanzaa-adapter", version=importlib.metadata.version("kwanzaa-adapter"))
+    app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes, on_answer=metrics.answered)
+    _install_error_handlers(app)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "model": model.name, **model.describe(),
+                "queue": {"depth": engine.queue_depth, "in_flight": engine.in_flight,
+                          "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue}}
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    @app.post("/v1/answer")
+    async def answer(body: AnswerRequest, request: Request) -> dict:
+        check_answer_request(body, limits)
+        tokens = generation_limit(body.max_new_tokens, model, limits, "max_new_tokens")
+        ids = model.encode(model.prompt_for(body.question, body.documents), tokens)
+        pending = Pending(engine, ids, tokens, constraint=grammars.contract() if body.constrained else None)
+        text = await pending.text(request)
+        metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
+        return {"model": model.name, **AnswerResult.from_output(text).to_json()}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_chat_request(body, limits)
+        tokens = generation_limit(body.max_completion_tokens or body.max_tokens, model, limits, "max_tokens")
+        messages = chat_messages(body, model.config.data.system_prompt, options.default_system_prompt)
+        ids = model.encode(messages, tokens)
+        pending = Pending(engine, ids, tokens, body.temperature, body.top_p, grammars.for_format(body.response_format))
+        completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+        if body.stream:
+            first = await pending.first_event()  # a queue timeout is still a 503, not a broken stream
+            return StreamingResponse(sse_events(pending, first, completion, metrics), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text = await pending.text(request)
+        metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
+        return {**completion, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": pending.ticket.finish_reason}],
+                "usage": pending.usage()}
+
+    return app
+
+
+class GrammarCache:
+    """Compiled grammars: the contract's, and the last few JSON Schemas clients asked for."""
+
+    def __init__(self, model: CausalLMModel, size: int = 16):
+        self.model, self.size, self.compiled = model, size, {}
+
+    def contract(self):
+        return self.model.contract_grammar.constraint()
+
+    def for_format(self, response_format: ResponseFormat | None):
+        if response_format is None or response_format.type == "text":
+            return None
+        if response_format.type == "json_object":
+            schema: dict[str, Any] = {"type": "object"}
+        elif response_format.json_schema is None:
+            raise rejection(422, "response_format.json_schema: required when type is json_schema")
+        else:
+            schema = response_format.json_schema.schema_
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self.compiled:
+            try:
+                grammar = SchemaGrammar(self.model.tokenizer, schema)
+            except ValueError as exc:
+                raise rejection(422, f"response_format.json_schema.schema: {exc}") from None
+            while len(self.compiled) >= self.size:
+                self.compiled.pop(next(iter(self.compiled)))
+            self.compiled[key] = grammar
+        return self.compiled[key].constraint()
+
+
+def chat_messages(body: ChatCompletionRequest, system_prompt: str, default_system_prompt: bool) -> list[dict]:
+    """The request's turns as the adapter was trained on them: documents rendered into the last user turn
+    with the training template, and the training system prompt where the request brings none."""
+    messages = [m.model_dump() for m in body.messages]
+    if body.documents is not None:
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise rejection(422, "documents: given, but no user message holds the question")
+        last = users[-1]
+        messages[last] = {"role": "user", "content": render_user_turn(messages[last]["content"], body.documents)}
+    if default_system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+class ClientGone(Exception):
+    """The client went away while its answer was generated (logged as 499; nobody reads the reply)."""
+
+
+class Pending:
+    """One request in the batch engine, seen from the event loop."""
+
+    def __init__(self, engine: BatchEngine, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, constraint=None):
+        self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
+        self.ticket = Ticket(ids, max_new_tokens, self._emit, temperature, top_p, constraint)
+        engine.submit(self.ticket)  # QueueFull / ShuttingDown: the error handlers answer 429 / 503
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+            self.ticket.cancel()
+
+    @property
+    def first_token_s(self) -> float:
+        ticket = self.ticket
+        return (ticket.first_token_at or time.monotonic()) - ticket.enqueued_at
+
+    def usage(self) -> dict:
+        prompt, completion = len(self.ticket.prompt_ids), len(self.ticket.ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def first_event(self) -> Event:
+        event = await self.events.get()
+        if event.kind == "error" and not self.ticket.ids:
+            raise event.error
+        return event
+
+    async def text(self, request: Request) -> str:
+        """The whole answer; the ticket is cancelled if the client goes away meanwhile."""
+        parts, checked = [], time.monotonic()
+        while True:
+            try:
+                event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                event = None
+            if time.monotonic() - checked >= 0.5:  # tokens may flow without a pause: look at the clock
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    self.ticket.cancel()
+                    raise ClientGone("the client closed the connection before the answer was complete")
+            if event is None:
+                continue
+            if event.kind == "delta":
+                parts.append(event.text)
+            elif event.kind == "error":
+                raise event.error
+            else:
+                return "".join(parts)
+
+    async def stream(self, first: Event) -> AsyncIterator[Event]:
+        event = first
+        try:
+            while True:
+                yield event
+                if event.kind != "delta":
+                    return
+                event = await self.events.get()
+        finally:
+            if not self.ticket.finished:  # the client went away: leave the batch
+                self.ticket.cancel()
+
+
+async def sse_events(pending: Pending, first: Event, completion: dict, metrics) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events, then `data: [DONE]`; an error mid-stream is an error event."""
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        body = {**completion, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for event in pending.stream(first):
+        if event.kind == "delta":
+            yield chunk({"content": event.text})
+        elif event.kind == "error":  # the status line is sent already: report it in the stream
+            kind = "shutting_down" if type(event.error).__name__ == "ShuttingDown" else "generation_failed"
+            yield f"data: {json.dumps({'error': {'type': kind, 'message': str(event.error)}})}\n\n"
+            return
+        else:
+            metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
+            yield chunk({}, pending.ticket.finish_reason)
+            yield "data: [DONE]\n\n"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from kwanzaa_adapter.backend.models.causal_lm import PromptTooLongError
+    from kwanzaa_adapter.backend.serving.batching import QueueFull, QueueTimeout, ShuttingDown
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, exc):
+        return error_response(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(QueueTimeout)
+    async def queue_timeout(request, exc):
+        return error_response(503, "queue_timeout", str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request, exc):
+        return error_response(499, "client_closed_request", str(exc))
+
+    @app.exception_handler(ShuttingDown)
+    async def shutting_down(request, exc):
+        return error_response(503, "shutting_down", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "invalid_json", "the request body is not valid JSON")
+        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in errors[:10]]
+        return error_response(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(PromptTooLongError)
+    async def too_long(request, exc):
+        return error_response(413, "context_length_exceeded", str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc):
+        kind = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        return error_response(exc.status_code, kind.get(exc.status_code, "invalid_request"), str(exc.detail))

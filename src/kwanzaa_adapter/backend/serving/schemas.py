@@ -1,0 +1,111 @@
+"""What a request to the HTTP API may carry: the request models, the server's limits and options, and
+the checks that turn an over-large request into a 4xx before any generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kwanzaa_adapter.backend.serving.guard import rejection
+from kwanzaa_adapter.data.records import Document, Message
+
+if TYPE_CHECKING:  # the CLI reads ServeLimits' defaults without loading torch or FastAPI
+    from kwanzaa_adapter.backend.models.causal_lm import CausalLMModel
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """Bounds on what one request may ask for; larger requests get a 4xx."""
+
+    max_body_bytes: int = 1 << 20
+    max_documents: int = 20
+    max_question_chars: int = 4_000
+    max_document_chars: int = 20_000
+    max_messages: int = 32
+    max_message_chars: int = 40_000
+    max_new_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How requests share the model: batching, the queue, shutdown, prompts."""
+
+    max_batch_size: int = 8
+    max_queue: int = 64
+    queue_timeout_s: float = 60.0
+    gather_ms: float = 5.0  # how long the first request of a batch waits for company
+    shutdown_grace_s: float = 30.0
+    default_system_prompt: bool = True  # the training system prompt for chat requests that bring none
+
+
+class AnswerRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    question: str = Field(min_length=1, description="The user's question.")
+    documents: list[Document] = Field(default_factory=list, description="Retrieved documents, cited as [n].")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="Generation limit for this answer.")
+    constrained: bool = Field(default=True, description="Contract-constrained decoding (valid JSON by "
+                                                         "construction); false: the adapter's own output.")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = "response"
+    schema_: dict = Field(alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields this server does not use (user, stop, ...): accepted, ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 is greedy (the default here).")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1, le=1, description="One choice per request.")
+    documents: list[Document] | None = Field(default=None, description="Retrieved documents (extra_body): "
+                                                                        "rendered into the last user turn.")
+    response_format: ResponseFormat | None = None
+
+
+def generation_limit(asked: int | None, model: CausalLMModel, limits: ServeLimits, field: str) -> int:
+    if asked is not None and asked > limits.max_new_tokens:
+        raise rejection(422, f"{field}: {asked} exceeds this server's limit of {limits.max_new_tokens}")
+    return asked or min(model.config.evaluation.max_new_tokens, limits.max_new_tokens)
+
+
+def check_documents(documents: list[Document], limits: ServeLimits) -> None:
+    if len(documents) > limits.max_documents:
+        raise rejection(413, f"documents: {len(documents)} given, at most {limits.max_documents}")
+    for number, document in enumerate(documents, start=1):
+        if len(document.text) > limits.max_document_chars:
+            raise rejection(413, f"documents[{number}].text: {len(document.text)} characters, "
+                               f"at most {limits.max_document_chars}")
+
+
+def check_answer_request(request: AnswerRequest, limits: ServeLimits) -> None:
+    if len(request.question) > limits.max_question_chars:
+        raise rejection(413, f"question: {len(request.question)} characters, at most {limits.max_question_chars}")
+    check_documents(request.documents, limits)
+
+
+def check_chat_request(request: ChatCompletionRequest, limits: ServeLimits) -> None:
+    if len(request.messages) > limits.max_messages:
+        raise rejection(413, f"messages: {len(request.messages)} given, at most {limits.max_messages}")
+    total = sum(len(m.content) for m in request.messages)
+    if total > limits.max_message_chars:
+        raise rejection(413, f"messages: {total} characters in all, at most {limits.max_message_chars}")
+    check_documents(request.documents or [], limits)

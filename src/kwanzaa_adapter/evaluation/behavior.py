@@ -1,0 +1,76 @@
+"""Base model versus base+adapter on an eval set: used at the end of training and by `eval`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.evaluation.eval_set import load_eval_items
+from kwanzaa_adapter.evaluation.runs import (
+    EvalRun,
+    comparison_json,
+    comparison_table,
+    evaluate,
+    evaluate_base_and_adapter,
+    plot_comparison,
+    write_predictions,
+)
+from kwanzaa_adapter.generation.grammar import SchemaGrammar
+
+log = logging.getLogger(__name__)
+COMPARISON_PLOT = "behavior_comparison.png"
+
+
+@dataclass
+class BehaviorReport:
+    base: EvalRun
+    adapter: EvalRun | None
+    seconds: float = 0.0  # both generation passes and their scoring
+
+    def as_json(self) -> dict:
+        if self.adapter is None:
+            return {"base": self.base.rates}
+        return comparison_json(self.base, self.adapter)
+
+    def table(self) -> str:
+        return comparison_table(self.base.rates, self.adapter.rates if self.adapter else {})
+
+    def generation_tokens_per_second(self) -> dict:
+        runs = [self.base] + ([self.adapter] if self.adapter else [])
+        return {run.label: run.tokens_per_second for run in runs}
+
+    def write(self, predictions_path: Path, plot_path: Path | None = None) -> None:
+        write_predictions(predictions_path, [r for r in (self.base, self.adapter) if r is not None])
+        if plot_path is not None and self.adapter is not None:
+            plot_comparison(self.base.rates, self.adapter.rates, plot_path)
+
+
+def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | Path | None = None,
+                     with_adapter: bool = True) -> BehaviorReport:
+    """Generate on the eval items with the base model and, when `with_adapter`, with the adapter too."""
+    items = load_eval_items(data_file or config.data.eval_file, config.data.system_prompt,
+                            max_examples=config.evaluation.max_examples)
+    grammar = SchemaGrammar(tokenizer) if config.evaluation.constrained_decoding else None
+    options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size,
+                   grammar=grammar)
+    log.info("behavioral evaluation on %d examples", len(items))
+    started = time.perf_counter()
+    if with_adapter:
+        base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options)
+    else:
+        base, adapter = evaluate(model, tokenizer, items, label="base", **options), None
+    report = BehaviorReport(base, adapter, time.perf_counter() - started)
+    log.info("behavioral metrics:\n%s", report.table())
+    return report
+
+
+def save_eval_output(report: BehaviorReport, output: Path) -> Path:
+    """`eval --output FILE`: the rates as JSON, eval_predictions.jsonl beside it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report.as_json(), indent=2, sort_keys=True) + "\n")
+    report.write(output.parent / "eval_predictions.jsonl", output.with_suffix(".png"))
+    return output

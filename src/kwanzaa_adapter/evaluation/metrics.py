@@ -1,0 +1,320 @@
+"""Training metrics (history, summary, perplexity) and the behavioral metrics of SPEC section 6.
+
+Behavioral metrics have one definition: `score_example` judges one output, `aggregate` turns
+verdicts into rates, and every `compute_*_rate` is `aggregate` over `score_example`. The
+evaluation writes the same verdicts to eval_predictions.jsonl, so a rate can be traced to the
+outputs behind it.
+
+Choices the spec leaves open, decided here:
+- refused means refused per the contract (`Answer.is_refusal`); an invalid output is not refused.
+- citation_rate: an output citing a document must list it once in `sources`, and nothing else;
+  repeated markers in the text are fine, repeated `sources` entries are not.
+- retrieval_groundedness_rate is over the examples the model answered (valid and not a refusal,
+  whatever `expect_refusal` says): an answer to an unanswerable question is scored on its claims too.
+  A sentence is grounded when some `[n]` in it names a provided document whose content words
+  (title and text) cover at least half of the sentence's content words (so a sentence with no
+  content words, e.g. "Yes [1].", only needs a valid marker). An answer with empty text scores 0.0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Protocol
+
+from kwanzaa_adapter.contract import CITATION_MARKER, Answer, parse_answer
+from kwanzaa_adapter.data.records import RagRecord
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "metrics_history.jsonl"
+SUMMARY_FILE = "training_summary.json"
+GROUNDING_THRESHOLD = 0.5
+
+
+# --------------------------------------------------------------------------- training metrics
+
+
+@dataclass(frozen=True)
+class TrainingMetrics:
+    """One log step of training or evaluation; fields a step does not report are None."""
+
+    step: int
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    perplexity: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    tokens_per_second: float | None = None
+    wall_time: float | None = None
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> "TrainingMetrics":
+        """Build from a log dict; keys that are not fields (e.g. Trainer's `eval_runtime`) are ignored."""
+        if values.get("step") is None:
+            raise ValueError(f"metrics need a 'step'; got keys {sorted(values)}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_perplexity(loss: float | None) -> float | None:
+    """exp(loss); inf when that overflows, None when there is no loss."""
+    if loss is None:
+        return None
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
+def log_training_progress(metrics: TrainingMetrics) -> str:
+    """Log one readable line for a step and return it."""
+    shown = {name: value for name, value in metrics.to_dict().items() if value is not None and name != "step"}
+    line = f"step {metrics.step}: " + ", ".join(f"{name}={_format(value)}" for name, value in shown.items())
+    logger.info(line)
+    return line
+
+
+def _format(value: float) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def load_history(path: str | Path) -> list[TrainingMetrics]:
+    """Read a metrics_history.jsonl back; a truncated last line (a crash mid-write) is dropped."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
+    history = []
+    for index, (number, line) in enumerate(numbered):
+        try:
+            history.append(TrainingMetrics.from_dict(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            if index == len(numbered) - 1:
+                logger.warning("%s:%d: dropping truncated last line (%s)", path, number, exc.msg)
+                break
+            raise ValueError(
+                f"{path}:{number}: not a JSON line ({exc.msg}); only the last line may be truncated"
+            ) from exc
+    return history
+
+
+class MetricsTracker:
+    """Appends one JSON line per log step to `<output_dir>/metrics_history.jsonl` and summarizes.
+
+    Each line is written and flushed on its own, so a crash loses at most the line being written.
+    With `resume=True` an existing history is read back (dropping a truncated last line) and
+    continued; otherwise the history file starts empty.
+    """
+
+    def __init__(self, output_dir: str | Path, resume: bool = False):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.history_path = self.output_dir / HISTORY_FILE
+        self.history: list[TrainingMetrics] = []
+        if resume and self.history_path.exists():
+            self.history = load_history(self.history_path)
+        # Rewriting also removes a truncated tail, which the next append would otherwise extend.
+        self.history_path.write_text("".join(_json_line(m) for m in self.history), encoding="utf-8")
+
+    def log_metrics(self, metrics: TrainingMetrics | Mapping) -> TrainingMetrics:
+        """Record one step; perplexity is filled in from eval_loss when not given."""
+        if not isinstance(metrics, TrainingMetrics):
+            metrics = TrainingMetrics.from_dict(metrics)
+        if metrics.perplexity is None and metrics.eval_loss is not None:
+            metrics = replace(metrics, perplexity=compute_perplexity(metrics.eval_loss))
+        with self.history_path.open("a", encoding="utf-8") as handle:
+            handle.write(_json_line(metrics))
+            handle.flush()
+        self.history.append(metrics)
+        return metrics
+
+    def summary(self) -> dict:
+        losses = [(m.step, m.loss) for m in self.history if m.loss is not None]
+        eval_losses = [(m.step, m.eval_loss) for m in self.history if m.eval_loss is not None]
+        perplexities = [m.perplexity for m in self.history if m.perplexity is not None]
+        speeds = [m.tokens_per_second for m in self.history if m.tokens_per_second is not None]
+        wall_times = [m.wall_time for m in self.history if m.wall_time is not None]
+        best_eval = min(eval_losses, key=lambda pair: pair[1]) if eval_losses else None
+        return {
+            "steps": max((m.step for m in self.history), default=0),
+            "log_entries": len(self.history),
+            "final_loss": losses[-1][1] if losses else None,
+            "best_loss": min(loss for _, loss in losses) if losses else None,
+            "final_eval_loss": eval_losses[-1][1] if eval_losses else None,
+            "best_eval_loss": best_eval[1] if best_eval else None,
+            "best_eval_step": best_eval[0] if best_eval else None,
+            "final_perplexity": perplexities[-1] if perplexities else None,
+            "mean_tokens_per_second": sum(speeds) / len(speeds) if speeds else None,
+            "wall_time": wall_times[-1] if wall_times else None,
+        }
+
+    def save_summary(self, path: str | Path | None = None) -> Path:
+        """Write `summary()` as JSON (default `<output_dir>/training_summary.json`); returns the path."""
+        path = Path(path) if path is not None else self.output_dir / SUMMARY_FILE
+        path.write_text(json.dumps(self.summary(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return path
+
+
+def _json_line(metrics: TrainingMetrics) -> str:
+    return json.dumps(metrics.to_dict(), sort_keys=True) + "\n"
+
+
+# --------------------------------------------------------------------------- behavioral metrics
+
+
+class DocumentLike(Protocol):
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """What the model was given for one generation (a `RagRecord` fits this shape too)."""
+
+    question: str
+    documents: Sequence[DocumentLike]
+    expect_refusal: bool
+
+    @classmethod
+    def from_record(cls, record: RagRecord) -> "Example":
+        return cls(record.question, list(record.documents), record.expect_refusal)
+
+
+ExampleLike = Example | RagRecord
+
+
+# Function words only; words shorter than three letters are dropped before this list applies.
+STOP_WORDS = frozenset(
+    """
+    about above after again against all also although among and any are because been before
+    being below between both but can cannot could did does doing down during each either else ever
+    every few for from further had has have having her here hers herself him himself his how however
+    into its itself just least less many may might more most much must neither nor not now off once
+    only other others our ours ourselves out over own per rather same she should since some such than
+    that the their theirs them themselves then there these they this those though through thus too
+    toward towards under until upon very via was were what whatever when where whether which while
+    who whom whose why will with within without would yet you your yours yourself yourselves
+    """.split()
+)
+
+_WORD = re.compile(r"[^\W_]+")
+# A sentence ends at . ! or ? (and any [n] markers right after it) followed by whitespace or the end.
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s*\[\d+\])*(?=\s|$)")
+
+
+def content_words(text: str) -> set[str]:
+    """Lowercase alphanumeric tokens of three or more characters, minus stop words and [n] markers."""
+    words = _WORD.findall(CITATION_MARKER.sub(" ", text).lower())
+    return {word for word in words if len(word) >= 3 and word not in STOP_WORDS}
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split after . ! ? followed by whitespace or the end; markers after the stop stay with it."""
+    sentences, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        sentences.append(text[start : match.end()].strip())
+        start = match.end()
+    sentences.append(text[start:].strip())
+    return [sentence for sentence in sentences if sentence]
+
+
+def score_example(example: ExampleLike, output: str) -> dict:
+    """The verdict on one raw output: everything the rates are made of, JSON-serializable.
+
+    citation_ok is None when the example should be refused; groundedness is None unless the model
+    answered (valid output, not a refusal).
+    """
+    parsed = parse_answer(output)
+    answer = parsed.answer
+    refused = answer is not None and answer.is_refusal
+    should_answer = not example.expect_refusal
+    return {
+        "json_valid": answer is not None,
+        "parse_error": parsed.error,
+        "refused": refused,
+        "refusal_correct": answer is not None and refused == example.expect_refusal,
+        "citation_ok": _citation_ok(answer, len(example.documents)) if should_answer else None,
+        "groundedness": _groundedness(answer, example.documents) if answer is not None and not refused else None,
+        "cited": answer.cited_numbers() if answer is not None else [],
+    }
+
+
+def _citation_ok(answer: Answer | None, document_count: int) -> bool:
+    if answer is None:
+        return False
+    cited = answer.cited_numbers()
+    listed = [source.citation for source in answer.sources]
+    return (
+        bool(cited)
+        and all(1 <= n <= document_count for n in cited)
+        and len(listed) == len(set(listed))
+        and set(listed) == set(cited)
+    )
+
+
+def _groundedness(answer: Answer, documents: Sequence[DocumentLike]) -> float:
+    sentences = split_sentences(answer.answer.text)
+    if not sentences:
+        return 0.0
+    document_words = [content_words(f"{doc.title} {doc.text}") for doc in documents]
+    grounded = sum(_sentence_grounded(sentence, document_words) for sentence in sentences)
+    return grounded / len(sentences)
+
+
+def _sentence_grounded(sentence: str, document_words: list[set[str]]) -> bool:
+    words = content_words(sentence)
+    for n in {int(marker) for marker in CITATION_MARKER.findall(sentence)}:
+        if 1 <= n <= len(document_words) and len(words & document_words[n - 1]) >= GROUNDING_THRESHOLD * len(words):
+            return True
+    return False
+
+
+def aggregate(verdicts: Sequence[Mapping]) -> dict:
+    """The four rates of SPEC section 6 from `score_example` verdicts; None where no example applies."""
+    citation = [v["citation_ok"] for v in verdicts if v["citation_ok"] is not None]
+    groundedness = [v["groundedness"] for v in verdicts if v["groundedness"] is not None]
+    return {
+        "json_validity_rate": _mean([v["json_valid"] for v in verdicts]),
+        "citation_rate": _mean(citation),
+        "refusal_correctness_rate": _mean([v["refusal_correct"] for v in verdicts]),
+        "retrieval_groundedness_rate": _mean(groundedness),
+    }
+
+
+def score_all(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> list[dict]:
+    """`score_example` over paired examples and outputs."""
+    if len(examples) != len(outputs):
+        raise ValueError(f"{len(examples)} examples but {len(outputs)} outputs; pass one output per example")
+    return [score_example(example, output) for example, output in zip(examples, outputs)]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def compute_json_validity_rate(outputs: Sequence[str]) -> float | None:
+    """Share of outputs that are exactly one JSON object validating against the contract."""
+    # Validity does not depend on the example, so any stand-in serves.
+    stand_in = Example(question="", documents=[], expect_refusal=False)
+    return aggregate([score_example(stand_in, output) for output in outputs])["json_validity_rate"]
+
+
+def compute_citation_rate(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
+    return aggregate(score_all(examples, outputs))["citation_rate"]
+
+
+def compute_refusal_correctness_rate(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
+    return aggregate(score_all(examples, outputs))["refusal_correctness_rate"]
+
+
+def compute_retrieval_groundedness_rate(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
+    return aggregate(score_all(examples, outputs))["retrieval_groundedness_rate"]

@@ -1,0 +1,139 @@
+"""Behavioral evaluation: generate for the eval items (`generation.decoding`), score, compare, report.
+
+One loaded `PeftModel` serves both sides of the comparison: the base run happens inside
+`disable_adapter()`, so base and adapter see the same weights, prompts and decoding settings.
+Prompts come from `render_record`, the renderer training uses, so the model is evaluated on the
+format it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kwanzaa_adapter.contract import parse_answer
+from kwanzaa_adapter.evaluation.eval_set import EvalItem
+from kwanzaa_adapter.evaluation.metrics import aggregate, score_example
+from kwanzaa_adapter.generation.decoding import generate
+from kwanzaa_adapter.generation.grammar import SchemaGrammar
+
+PREDICTIONS_FILE = "eval_predictions.jsonl"
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """One model's evaluation: the four rates, one row per item, and generation speed."""
+
+    label: str
+    rates: dict
+    rows: list[dict]
+    tokens_per_second: float
+
+
+
+def evaluate(
+    model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int, label: str,
+    progress: bool = True, grammar: SchemaGrammar | None = None,
+) -> EvalRun:
+    """Generate for every item, score each output with `metrics.score_example`, aggregate the rates."""
+    result = generate(
+        model, tokenizer, [item.prompt for item in items],
+        max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
+    )
+    rows = [_row(item, output, label) for item, output in zip(items, result.outputs)]
+    return EvalRun(label, aggregate(rows), rows, result.tokens_per_second)
+
+
+def _row(item: EvalItem, output: str, label: str) -> dict:
+    parsed = parse_answer(output)
+    answer = parsed.answer.model_dump(mode="json", exclude_none=True) if parsed.answer is not None else None
+    verdict = score_example(item.example, output)
+    return {"id": item.id, "model": label, "output": output, "parsed": answer, "parse_error": parsed.error, **verdict}
+
+
+def evaluate_base_and_adapter(
+    peft_model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int,
+    base_label: str = "base", adapter_label: str = "adapter", progress: bool = True,
+    grammar: SchemaGrammar | None = None,
+) -> tuple[EvalRun, EvalRun]:
+    """Evaluate the base model (adapter disabled) and the adapted model, from one loaded PeftModel."""
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar)
+    with peft_model.disable_adapter():
+        base_run = evaluate(peft_model, tokenizer, items, label=base_label, **settings)
+    adapter_run = evaluate(peft_model, tokenizer, items, label=adapter_label, **settings)
+    return base_run, adapter_run
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def write_predictions(path: str | Path, runs: Sequence[EvalRun]) -> Path:
+    """eval_predictions.jsonl: one line per example and model, run after run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for run in runs:
+            for row in run.rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def comparison_json(base_run: EvalRun, adapter_run: EvalRun) -> dict:
+    """{"base": {metric: value}, "adapter": {metric: value}} with the metric names of `aggregate`."""
+    return {"base": dict(base_run.rates), "adapter": dict(adapter_run.rates)}
+
+
+def comparison_table(base_rates: Mapping, adapter_rates: Mapping) -> str:
+    """Plain-text table: metric, base, adapter and the difference (adapter - base); None is n/a."""
+    metrics = list(dict.fromkeys([*base_rates, *adapter_rates]))
+    header = ("metric", "base", "adapter", "difference")
+    body = []
+    for metric in metrics:
+        base, adapter = base_rates.get(metric), adapter_rates.get(metric)
+        difference = adapter - base if base is not None and adapter is not None else None
+        body.append((metric, _cell(base), _cell(adapter), _cell(difference, signed=True)))
+    widths = [max(len(row[column]) for row in [header, *body]) for column in range(len(header))]
+    lines = [_table_line(header, widths), _table_line(tuple("-" * w for w in widths), widths)]
+    lines += [_table_line(row, widths) for row in body]
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _table_line(cells: tuple[str, ...], widths: list[int]) -> str:
+    first, *rest = cells
+    return "  ".join([first.ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(rest, widths[1:]))])
+
+
+def plot_comparison(base_rates: Mapping, adapter_rates: Mapping, path: str | Path) -> Path:
+    """Grouped bar chart of the rates, base vs adapter, values written on the bars; saved as PNG."""
+    # The object-oriented Figure renders with Agg without touching pyplot's global backend.
+    from matplotlib.figure import Figure
+
+    metrics = list(dict.fromkeys([*base_rates, *adapter_rates]))
+    figure = Figure(figsize=(max(6.0, 2.2 * len(metrics)), 4.5), layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.38
+    for offset, (label, rates, color) in enumerate(
+        [("base", base_rates, "#9e9e9e"), ("adapter", adapter_rates, "#1f77b4")]
+    ):
+        values = [rates.get(metric) for metric in metrics]
+        positions = [i + (offset - 0.5) * width for i in range(len(metrics))]
+        bars = axes.bar(positions, [v or 0.0 for v in values], width, label=label, color=color)
+        axes.bar_label(bars, labels=[_cell(v) for v in values], padding=2, fontsize=9)
+    axes.set_xticks(range(len(metrics)), [m.removesuffix("_rate").replace("_", "\n") for m in metrics])
+    axes.set_ylim(0.0, 1.1)
+    axes.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
+    axes.set_ylabel("rate")
+    axes.set_title("Behavioral metrics: base vs adapter")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=120)
+    return path

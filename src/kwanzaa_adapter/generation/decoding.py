@@ -1,0 +1,150 @@
+"""Greedy, batched decoding of chat prompts, optionally held to the answer contract's grammar.
+
+Evaluation, the preference stage's mining and the backend all decode through `generate` (or, for
+the server's batches, through `end_of_turn_ids` and `left_padding`), so every path stops, pads and
+counts tokens the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from kwanzaa_adapter.generation.grammar import ContractLogits, SchemaGrammar
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Decoded outputs in prompt order; `token_ids` are the new tokens before the end-of-turn token."""
+
+    outputs: list[str]
+    new_tokens: int
+    seconds: float
+    token_ids: list[list[int]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = True,
+    grammar: SchemaGrammar | None = None,
+) -> GenerationResult:
+    """Greedy, batched decoding of chat prompts; outputs come back in prompt order.
+
+    Prompts are sorted by length so each batch pads little; decoding stops at the end-of-turn
+    token, and only the new tokens are decoded and counted (padding after it is not). With a
+    `grammar`, every output is held to the answer contract (constrained decoding).
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}")
+    encoded = [_encode(tokenizer, prompt) for prompt in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    stop_ids = end_of_turn_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    device = next(model.parameters()).device
+    new_ids: list[list[int]] = [[] for _ in prompts]
+    outputs: list[str] = [""] * len(prompts)
+    counted = 0
+    start = time.perf_counter()
+    with _eval_mode(model), left_padding(tokenizer), torch.inference_mode():
+        bar = tqdm(total=len(prompts), desc="generating", unit="prompt", disable=not progress)
+        for first in range(0, len(order), batch_size):
+            indices = order[first : first + batch_size]
+            batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(device)
+            prompt_length = batch["input_ids"].shape[1]
+            constrained = [ContractLogits(grammar, len(indices), prompt_length, stop_ids)] if grammar else []
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+                stopping_criteria=StoppingCriteriaList([NotAJsonObject(tokenizer, prompt_length)]),
+                logits_processor=LogitsProcessorList(constrained),
+            )
+            for row, index in zip(generated[:, prompt_length:].tolist(), indices):
+                tokens, stopped = _until_stop(row, [*stop_ids, pad_id])
+                new_ids[index] = tokens
+                counted += len(tokens) + stopped
+                outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
+            bar.update(len(indices))
+        bar.close()
+    return GenerationResult(outputs, counted, time.perf_counter() - start, new_ids)
+
+
+class NotAJsonObject(StoppingCriteria):
+    """Ends a sequence as soon as its output cannot be a JSON object (first visible char not '{').
+
+    `parse_answer` rejects such an output whatever follows, so stopping there changes no metric;
+    it only spares generating up to max_new_tokens of prose.
+    """
+
+    def __init__(self, tokenizer, prompt_length: int):
+        self.tokenizer, self.prompt_length = tokenizer, prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
+        done = []
+        for row in input_ids[:, self.prompt_length :].tolist():
+            text = self.tokenizer.decode(row[:4], skip_special_tokens=True).lstrip()
+            done.append(bool(text) and not text.startswith("{"))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def end_of_turn_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos plus the generation config's eos ids: any of them ends a turn."""
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for candidate in [tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])]:
+        if candidate is not None and candidate not in ids:
+            ids.append(candidate)
+    if not ids:
+        raise ValueError("neither the tokenizer nor the generation config names an eos token; set tokenizer.eos_token")
+    return ids
+
+
+def _encode(tokenizer, prompt: list[dict]) -> list[int]:
+    encoding = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+    return list(encoding["input_ids"])
+
+
+def _until_stop(row: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    for position, token in enumerate(row):
+        if token in stop_ids:
+            return row[:position], True
+    return row, False
+
+
+@contextmanager
+def left_padding(tokenizer) -> Iterator[None]:
+    # Decoder-only models continue from the last position, so padding must sit on the left.
+    previous = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = previous
+
+
+@contextmanager
+def _eval_mode(model) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
