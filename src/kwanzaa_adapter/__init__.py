@@ -20,7 +20,9 @@ __all__ = ["__version__", *_PUBLIC]
 
 def __getattr__(name: str):
     if name == "__version__":
-        return importlib.import_module("importlib.metadata").version("kwanzaa-adapter")
+        from importlib.metadata import version
+
+        return version("kwanzaa-adapter")
     if name not in _PUBLIC:
         raise AttributeError(f"module 'kwanzaa_adapter' has no attribute {name!r}")
     return getattr(importlib.import_module(_PUBLIC[name]), name)
