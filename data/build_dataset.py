@@ -9,7 +9,8 @@ split (never from the relevant documents' topics, so a distractor cannot hold th
 the documents, turns `{d:<doc_id>}` placeholders into `[n]` markers for those positions, and
 validates every record through `RagRecord`. An off-topic refusal shows only distractors. The
 near-miss file swaps one relevant document of a train record for a same-topic document that lacks
-the asked fact. The output depends only on the sources and SEED, so two builds are byte-identical.
+the asked fact. The decisions file holds unanswered train prompts for the answerability gate
+(decisions.py). The output depends only on the sources and SEED, so two builds are byte-identical.
 """
 
 from __future__ import annotations
@@ -18,21 +19,25 @@ import argparse
 import itertools
 import json
 import random
-import re
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from kwanzaa_adapter.contract import CONTRACT_VERSION, DEFAULT_SYSTEM_PROMPT, Answer
-from kwanzaa_adapter.data.records import ChatExample, Document, RagRecord, render_record, render_user_turn
+from kwanzaa_adapter.data.records import ChatExample, RagRecord, render_record, render_user_turn
+
+DATA_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(DATA_DIR))  # the sibling modules, also when a test loads this file by path
+from decisions import DECISIONS_FILE, build_decisions, decisions_summary  # noqa: E402
+from source_models import (  # noqa: E402
+    NEAR_MISS_SOURCE, PLACEHOLDER, SOURCE_DIR, NearMiss, RefusalKind, SourceDocument, SourceQuestion, distractors,
+    load_near_misses, load_sources)
 
 SEED = 1966
-DATA_DIR = Path(__file__).resolve().parent
-SOURCE_DIR = DATA_DIR / "source"
 SPLITS = ("train", "eval", "heldout")
 # Documents shown per record (weights), by split. The draw leans towards one to three documents so
 # that the train split and the mix stay within 10% of the CPU demo's token budget (data/README.md).
@@ -41,9 +46,6 @@ DOC_COUNTS: dict[str, dict[int, int]] = {
     "eval": {1: 35, 2: 35, 3: 15, 4: 10, 5: 5},
     "heldout": {2: 30, 3: 30, 4: 25, 5: 15},
 }
-# Source files: the train and eval splits share one pair, the heldout set has its own.
-SOURCE_FILES = {"documents.jsonl": "questions.jsonl", "heldout_documents.jsonl": "heldout_questions.jsonl"}
-NEAR_MISS_SOURCE = "near_miss.jsonl"
 # A dialogue of several questions shows at most this many documents, so that the longest stays
 # within the demo's max_seq_length of 1024 tokens.
 DIALOGUE_MAX_DOCS = 3
@@ -52,112 +54,6 @@ CONFIDENCE = {"complete": 0.9, "partial": 0.6, "insufficient_data": 0.1}
 MIX_FILE = "kwanzaa_train_mix.jsonl"
 # Preference pairs: the chosen answer is a refusal; the rejected one is the original train gold.
 NEAR_MISS_FILE = "kwanzaa_near_miss.jsonl"
-PLACEHOLDER = re.compile(r"\{d:([a-z0-9_]+)\}")
-
-Split = Literal["train", "eval", "heldout"]
-# Why the documents shown cannot answer: a nearby detail of the right subject is missing; the
-# documents are about other subjects; a document mentions the subject but not the asked fact.
-RefusalKind = Literal["nearby_detail", "off_topic", "mentions_subject"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceDocument(_Strict):
-    """One line of data/source/documents.jsonl."""
-
-    doc_id: str = Field(pattern=r"^[a-z0-9_]+$", description="Stable id used by questions.")
-    split: Split = Field(description="The only split whose records may show this document.")
-    topic: str = Field(min_length=1, description="Distractors never share a topic with a relevant document.")
-    title: str = Field(min_length=1)
-    source: str = Field(min_length=1, description="A generic label for the kind of note, never a real publication.")
-    year: int | None = Field(default=None, ge=1990, le=2024, description="The note's own date, not a historical claim.")
-    url: str | None = Field(default=None, pattern=r"^https://example\.(org|com)/[a-z0-9/_-]+$",
-                            description="Only on the reserved example domains.")
-    text: str = Field(min_length=1)
-
-    def as_document(self) -> Document:
-        return Document(title=self.title, source=self.source, year=self.year, url=self.url, text=self.text)
-
-
-class SourceQuestion(_Strict):
-    """One line of data/source/questions.jsonl."""
-
-    id: str = Field(min_length=1)
-    split: Split
-    question: str = Field(min_length=1)
-    doc_ids: list[str] = Field(max_length=2, description="Relevant documents; for an off-topic refusal, the "
-                               "documents on the subject, whose topics are kept out of the record.")
-    answer_text: str = Field(min_length=1, description="Gold answer.text with {d:<doc_id>} citation placeholders.")
-    completeness: Literal["complete", "partial", "insufficient_data"]
-    missing_context: list[str] = Field(default_factory=list, description="What the documents lack.")
-    refusal: RefusalKind | None = Field(default=None, description="The kind of refusal; only on refusals.")
-
-    @property
-    def is_refusal(self) -> bool:
-        return self.completeness == "insufficient_data"
-
-    @property
-    def shown_doc_ids(self) -> list[str]:
-        """The documents every record of this question shows (none for an off-topic refusal)."""
-        return [] if self.refusal == "off_topic" else self.doc_ids
-
-    @model_validator(mode="after")
-    def _refusal_kind_agrees(self) -> "SourceQuestion":
-        if self.is_refusal != (self.refusal is not None):
-            raise ValueError(f"question {self.id!r}: `refusal` (the kind) is required on refusals and only there")
-        if not self.doc_ids and self.refusal != "off_topic":
-            raise ValueError(f"question {self.id!r}: only an off-topic refusal may have no doc_ids")
-        return self
-
-
-class NearMiss(_Strict):
-    """One line of data/source/near_miss.jsonl: a train question whose one relevant document is
-    swapped for a same-topic document that does not state the asked fact (checked by reading)."""
-
-    question_id: str = Field(min_length=1)
-    replacement_doc_id: str = Field(min_length=1)
-    answer_text: str = Field(min_length=1, description="The refusal, without citations.")
-    missing_context: list[str] = Field(min_length=1, max_length=1)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def load_sources(source_dir: Path = SOURCE_DIR) -> tuple[dict[str, SourceDocument], list[SourceQuestion]]:
-    """All documents (by id) and questions; ids are unique across files, and the heldout set keeps
-    to its own pair of files."""
-    documents: dict[str, SourceDocument] = {}
-    questions: list[SourceQuestion] = []
-    for documents_file, questions_file in SOURCE_FILES.items():
-        heldout_file = documents_file.startswith("heldout")
-        for row in read_jsonl(source_dir / documents_file):
-            doc = SourceDocument.model_validate(row)
-            if doc.doc_id in documents:
-                raise ValueError(f"{documents_file}: duplicate doc_id {doc.doc_id!r}")
-            if (doc.split == "heldout") != heldout_file:
-                raise ValueError(f"{documents_file}: document {doc.doc_id!r} of split {doc.split!r} belongs in "
-                                 f"{'documents.jsonl' if heldout_file else 'heldout_documents.jsonl'}")
-            documents[doc.doc_id] = doc
-        for row in read_jsonl(source_dir / questions_file):
-            question = SourceQuestion.model_validate(row)
-            if (question.split == "heldout") != heldout_file:
-                raise ValueError(f"{questions_file}: question {question.id!r} of split {question.split!r} is in the "
-                                 "wrong file")
-            questions.append(question)
-    seen: set[str] = set()
-    for question in questions:
-        if question.id in seen:
-            raise ValueError(f"duplicate question id {question.id!r}")
-        seen.add(question.id)
-    return documents, questions
-
-
-def load_near_misses(source_dir: Path = SOURCE_DIR) -> list[NearMiss]:
-    return [NearMiss.model_validate(row) for row in read_jsonl(source_dir / NEAR_MISS_SOURCE)]
 
 
 def document_counts(questions: list[SourceQuestion]) -> dict[str, int]:
@@ -181,11 +77,7 @@ def choose_documents(question: SourceQuestion, documents: dict[str, SourceDocume
                      count: int) -> list[SourceDocument]:
     """The relevant documents plus seeded distractors, `count` in all, in a seeded order."""
     relevant = [documents[doc_id] for doc_id in question.shown_doc_ids]
-    excluded_topics = {documents[doc_id].topic for doc_id in question.doc_ids}
-    pool = sorted(
-        (d for d in documents.values() if d.split == question.split and d.topic not in excluded_topics),
-        key=lambda d: d.doc_id,
-    )
+    pool = distractors(question, documents)
     rng = random.Random(f"{SEED}:{question.id}")
     chosen = relevant + rng.sample(pool, max(count, len(relevant)) - len(relevant))
     rng.shuffle(chosen)
@@ -370,6 +262,8 @@ def build_outputs(source_dir: Path = SOURCE_DIR) -> dict[str, str]:
     outputs[MIX_FILE] = outputs["kwanzaa_train.jsonl"] + to_jsonl(build_dialogues(source_dir))
     outputs[NEAR_MISS_FILE] = to_jsonl([chat_line(r, "train", near_miss_of=r.id.removesuffix(".near_miss"))
                                         for r in build_near_misses(source_dir)])
+    documents, questions = load_sources(source_dir)
+    outputs[DECISIONS_FILE] = to_jsonl([record_line(e) for e in build_decisions(questions, documents, SEED, outputs)])
     return outputs
 
 
@@ -388,10 +282,12 @@ def stale_files(outputs: dict[str, str], data_dir: Path = DATA_DIR) -> list[str]
     return stale
 
 
-def token_lengths(chat_jsonl: str, tokenizer) -> list[int]:
+def token_lengths(jsonl: str, tokenizer) -> list[int]:
+    """Chat template tokens per line; a record without an answer counts its prompt (system and user turn)."""
     lengths = []
-    for line in chat_jsonl.splitlines():
-        messages = json.loads(line)["messages"]
+    for line in jsonl.splitlines():
+        row = json.loads(line)
+        messages = row["messages"] if "messages" in row else render_record(RagRecord.model_validate(row))
         lengths.append(len(tokenizer.apply_chat_template(messages, tokenize=True)["input_ids"]))
     return lengths
 
@@ -428,15 +324,17 @@ def print_summary(outputs: dict[str, str]) -> None:
         print(f"{split}: {split_summary(records, kinds)}")
     near_misses = outputs[NEAR_MISS_FILE].splitlines()
     print(f"near miss: {len(near_misses)} refusals over train questions")
+    print(f"decisions: {decisions_summary(outputs[DECISIONS_FILE])}")
     try:
         tokenizer = load_default_tokenizer()
     except Exception as exc:  # the stats are informative only; the build itself does not need them
         print(f"token lengths skipped: cannot load the SmolLM2 tokenizer ({exc})")
         return
-    chat_files = [f"kwanzaa_{split}.jsonl" for split in SPLITS] + [MIX_FILE, NEAR_MISS_FILE]
+    chat_files = [f"kwanzaa_{split}.jsonl" for split in SPLITS] + [MIX_FILE, NEAR_MISS_FILE, DECISIONS_FILE]
     for name in chat_files:
         lengths = token_lengths(outputs[name], tokenizer)
-        print(f"{name} chat tokens: total {sum(lengths)}, min {min(lengths)}, "
+        form = "prompt" if name == DECISIONS_FILE else "chat"
+        print(f"{name} {form} tokens: total {sum(lengths)}, min {min(lengths)}, "
               f"median {statistics.median(lengths):g}, max {max(lengths)}")
 
 

@@ -297,7 +297,7 @@ def test_build_is_deterministic_and_matches_committed_files():
     first = build_dataset.build_outputs()
     assert build_dataset.build_outputs() == first
     expected = [f"kwanzaa_{s}{k}.jsonl" for s in SPLITS for k in ("", "_records")]
-    expected += [build_dataset.MIX_FILE, build_dataset.NEAR_MISS_FILE]
+    expected += [build_dataset.MIX_FILE, build_dataset.NEAR_MISS_FILE, build_dataset.DECISIONS_FILE]
     assert sorted(first) == sorted(expected)
     assert build_dataset.stale_files(first) == []
     assert build_dataset.main(["--check"]) == 0
