@@ -1,24 +1,28 @@
-"""How well a model tells answerable from unanswerable questions, apart from where it draws the line.
+"""Answer or refuse: how well each way of deciding separates the two kinds, and what it does to the rates.
 
     python bench/decision.py --adapter outputs/kwanzaa-demo/final_artifact [--config configs/demo.yaml]
-                             [--eval-file data/kwanzaa_eval_records.jsonl] [--refusal-opening "The documents do not"]
+                             [--layers 10,15,20,24,30] [--skip-generation]
 
-refusal_correctness_rate mixes two things: how well the model separates the two kinds of question
-(discrimination) and where it puts its threshold (bias). Adding refusals to the training data moves
-the threshold; only better reading moves the separation. This script measures the separation.
+Rows, each on the eval split and on the second eval set (data/kwanzaa_heldout_records.jsonl):
 
-For every eval item it teacher-forces the gold answer's JSON up to the opening quote of
-`answer.text` and reads the probability that the text goes on with the refusal opening (every
-refusal in the shipped data starts "The documents do not say"). From these scores, for the base
-model and for base + adapter:
+- `own`: the generation's own decision (gate off). Its score is the teacher-forced probability that
+  answer.text opens with "The documents do not" (every training refusal does);
+- `calibrated`: that same probability, with a threshold chosen on the decision examples
+  (`gate.decision_file`, prompts the supervised stage never saw) instead of the generation's own;
+- `shipped`: the gate inside the artifact, as `eval`, `generate`, `chat` and `serve` apply it;
+- `block L end|prefix`: a gate fitted here exactly as the workflow fits one (C cross-fitted by
+  question on the decision examples, threshold on those cross-fitted probabilities), on block L at
+  the prompt's end or after the answer's fixed opening; the last block is among them;
+- `diagnostic`: the generation's score at the threshold that makes the fewest errors on the very
+  items scored. It is chosen on the eval items: a floor for moving the threshold alone, not a method.
 
-- `auc`: ROC AUC against `expect_refusal` (0.5 is chance, 1.0 separates every pair);
-- `errors_at_half`: wrong decisions when p > 0.5 means refuse;
-- `errors_at_best`: wrong decisions at the threshold that makes the fewest on these very items
-  (an optimistic floor for what moving the bias alone could reach).
-
-Beside them, a score that needs no model: the largest share of the question's content words found
-in one sentence of one document (`lexical`). The last line printed is a JSON summary.
+Every choice is made on the decision examples; the eval sets are read only to be scored. For each
+row: AUC, wrong decisions by kind (an answer where the documents do not hold one, by refusal kind;
+a refusal where they do) and the rates. The rates come from generation held to each decision: every
+eval item is generated once forced to answer and once forced to refuse (`generate(..., forced=)`),
+so any row's outputs are its decisions' picks; `own` is its own pass. Decoding follows
+`evaluation.constrained_decoding` (off in the demo config), so json validity is that of an
+unconstrained pass. The last line printed is a JSON summary.
 """
 
 from __future__ import annotations
@@ -27,18 +31,35 @@ import argparse
 import json
 import math
 import sys
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_generation import load_adapter_model  # noqa: E402
+from decision_scan import POSITIONS, scan  # noqa: E402
 
+from kwanzaa_adapter.backend.models import model_from_config  # noqa: E402
+from kwanzaa_adapter.config import load_training_config  # noqa: E402
 from kwanzaa_adapter.evaluation.eval_set import EvalItem, load_eval_items  # noqa: E402
-from kwanzaa_adapter.evaluation.metrics import content_words, split_sentences  # noqa: E402
+from kwanzaa_adapter.evaluation.metrics import aggregate, content_words, score_all, score_example, split_sentences  # noqa: E402
+from kwanzaa_adapter.generation.decoding import generate  # noqa: E402
+from kwanzaa_adapter.generation.gate import GATE_FILE  # noqa: E402
+from kwanzaa_adapter.generation.grammar import SchemaGrammar  # noqa: E402
+from kwanzaa_adapter.training.gate_fitting import (  # noqa: E402
+    classifier,
+    cross_fit,
+    load_decision_data,
+    question_group,
+    weighted_threshold,
+)
 
 DEFAULT_EVAL_FILE = Path("data/kwanzaa_eval_records.jsonl")
+HELDOUT_FILE = Path("data/kwanzaa_heldout_records.jsonl")
+SOURCE_DIR = Path("data/source")
 DEFAULT_REFUSAL_OPENING = "The documents do not"
 TEXT_KEY = '"text":"'
 
@@ -104,35 +125,146 @@ def summarize(scores: Sequence[float], positives: Sequence[bool], half: float | 
     return result
 
 
+def refusal_kinds(source_dir: Path = SOURCE_DIR) -> dict[str, str]:
+    """Question id -> refusal kind, from the dataset's authored sources."""
+    kinds = {}
+    for name in ("questions.jsonl", "heldout_questions.jsonl"):
+        for line in (source_dir / name).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                kinds[row["id"]] = row.get("refusal") or "answerable"
+    return kinds
+
+
+def wrong_by_kind(refuse: Sequence[bool], expected: Sequence[bool], kinds: Sequence[str]) -> dict[str, int]:
+    wrong = Counter()
+    for decided, due, kind in zip(refuse, expected, kinds):
+        if decided != due:
+            wrong["refused, answer due" if not due else f"answered, {kind}"] += 1
+    return dict(sorted(wrong.items()))
+
+
+def picked_rates(items: Sequence[EvalItem], outputs: dict[bool, list[str]], refuse: Sequence[bool]) -> dict:
+    """The rates of the outputs generated under each item's decision."""
+    verdicts = [score_example(item.example, outputs[decided][i]) for i, (item, decided) in enumerate(zip(items, refuse))]
+    return aggregate(verdicts)
+
+
+def fitted_gate(features: np.ndarray, refuse: np.ndarray, groups: list[str], config) -> tuple:
+    """(classifier, threshold, cross-fitted AUC): the workflow's procedure on one block and position."""
+    from sklearn.metrics import roc_auc_score
+
+    folds = min(config.gate.folds, len(set(groups)))
+    tried = [(roc_auc_score(refuse, p := cross_fit(features, refuse, groups, c, folds)), c, p)
+             for c in config.gate.regularization]
+    auc, c, out_of_fold = max(tried, key=lambda t: t[0])
+    threshold, _ = weighted_threshold(out_of_fold, refuse, config.gate.refusal_prior)
+    return classifier(c).fit(features, refuse), threshold, auc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", type=Path, required=True, help="a verified artifact (final_artifact)")
     parser.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
-    parser.add_argument("--eval-file", type=Path, default=DEFAULT_EVAL_FILE)
+    parser.add_argument("--eval-files", type=Path, nargs="+", default=[DEFAULT_EVAL_FILE, HELDOUT_FILE])
+    parser.add_argument("--layers", default="10,15,20,24,30", help="blocks to fit gates on, beside the shipped one")
     parser.add_argument("--refusal-opening", default=DEFAULT_REFUSAL_OPENING)
+    parser.add_argument("--skip-generation", action="store_true", help="separation only, no rates")
     args = parser.parse_args()
 
-    items = [item for item in load_eval_items(args.eval_file) if item.reference is not None]
-    refuse = [item.example.expect_refusal for item in items]
-    model, tokenizer = load_adapter_model(args.config, args.adapter)
-    model.eval()
-    adapter = [refusal_probability(model, tokenizer, item, args.refusal_opening) for item in items]
-    with model.disable_adapter():
-        base = [refusal_probability(model, tokenizer, item, args.refusal_opening) for item in items]
-    # A question whose words a sentence holds is less likely unanswerable: negate to score refusal.
-    lexical = [-lexical_score(item.example.question, item.example.documents) for item in items]
+    config = load_training_config(args.config)
+    loaded = model_from_config(config, adapter=args.adapter)
+    model, tokenizer, shipped = loaded.model, loaded.tokenizer, loaded.gate
+    if shipped is None:
+        raise SystemExit(f"{args.adapter} has no answerability gate ({GATE_FILE}); train with gate.fit: true")
+    layers = sorted({int(n) for n in args.layers.split(",")} | {shipped.layer})
+    started = time.perf_counter()
+    decision = load_decision_data(config).items
+    sets = {"decision": decision, **{path.stem: load_eval_items(path, config.data.system_prompt)
+                                     for path in args.eval_files}}
+    scans = {name: scan(model, tokenizer, items, layers, args.refusal_opening, label=name)
+             for name, items in sets.items()}
+    scan_seconds = time.perf_counter() - started
+    kinds = refusal_kinds()
+    refuse_of = {name: np.array([item.example.expect_refusal for item in items]) for name, items in sets.items()}
+    groups = [question_group(item.id) for item in decision]
 
-    summary = {
-        "items": len(items), "unanswerable": sum(refuse),
-        "adapter": summarize(adapter, refuse, 0.5), "base": summarize(base, refuse, 0.5),
-        "lexical": summarize(lexical, refuse, None),
-    }
-    print(f"{len(items)} items, {sum(refuse)} unanswerable ({args.eval_file})")
-    print(f"{'score':<10} {'auc':>6} {'errors at p=0.5':>16} {'errors at best threshold':>25}")
-    for name in ("base", "adapter", "lexical"):
-        row = summary[name]
-        print(f"{name:<10} {row['auc']:>6.3f} {row.get('errors_at_half', '-'):>16} {row['errors_at_best']:>25}")
-    print(json.dumps(summary))
+    # Every row's P(refuse) on every set, and its threshold: all chosen on the decision examples.
+    rows: dict[str, dict] = {}
+    rows["own"] = {"scores": {n: s.refusal_probability for n, s in scans.items()}, "threshold": None}
+    calibrated, _ = weighted_threshold(scans["decision"].refusal_probability, refuse_of["decision"],
+                                       config.gate.refusal_prior)
+    rows["calibrated"] = {"scores": rows["own"]["scores"], "threshold": calibrated}
+    rows["shipped"] = {"scores": {n: shipped.refuse_probability(torch.from_numpy(s.features[(shipped.layer, "end")]))
+                                  .numpy() for n, s in scans.items()}, "threshold": shipped.threshold,
+                       "block": shipped.layer}
+    for layer in layers:
+        for position in POSITIONS:
+            pipeline, threshold, auc = fitted_gate(scans["decision"].features[(layer, position)],
+                                                   refuse_of["decision"], groups, config)
+            rows[f"block {layer} {position}"] = {
+                "scores": {n: pipeline.predict_proba(s.features[(layer, position)])[:, 1] for n, s in scans.items()},
+                "threshold": threshold, "cross_fit_auc": round(float(auc), 3)}
+
+    evaluated = [name for name in sets if name != "decision"]
+    outputs = {}
+    if not args.skip_generation:
+        grammar = SchemaGrammar(tokenizer) if config.evaluation.constrained_decoding else None
+        options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size,
+                       grammar=grammar)
+        for name in evaluated:
+            prompts = [item.prompt for item in sets[name]]
+            own = generate(model, tokenizer, prompts, **options)
+            forced = {d: generate(model, tokenizer, prompts, forced=[d] * len(prompts), **options).outputs
+                      for d in (True, False)}
+            outputs[name] = (own.outputs, forced)
+    summary = {"cpu": cpu_class(), "precision": loaded.precision.resolved, "scan_seconds": round(scan_seconds),
+               "items": {n: len(items) for n, items in sets.items()}, "rows": {}}
+    for label, row in [*rows.items(), ("diagnostic", rows["own"])]:
+        result = {"threshold": row["threshold"], **{k: v for k, v in row.items() if k not in ("scores", "threshold")}}
+        for name in evaluated:
+            scores, expected = row["scores"][name], refuse_of[name]
+            item_kinds = [kinds.get(item.id, "answerable") for item in sets[name]]
+            if label == "own":  # what the generation did; without generation, its score above one half
+                refuse = [score_example(item.example, out)["refused"] for item, out in zip(sets[name], outputs[name][0])] \
+                    if outputs else [bool(s > 0.5) for s in scores]
+            elif label == "diagnostic":  # the threshold with the fewest errors on these very items
+                best = min([min(scores) - 1.0, *sorted(set(scores))], key=lambda t: errors_at(scores, expected, t))
+                refuse = [bool(s > best) for s in scores]
+            else:
+                refuse = [bool(s > row["threshold"]) for s in scores]
+            entry = {"auc": round(roc_auc(list(scores), list(expected)), 3), "wrong": wrong_by_kind(refuse, expected, item_kinds)}
+            if outputs:
+                own_outputs, forced = outputs[name]
+                entry["rates"] = aggregate(score_all([i.example for i in sets[name]], own_outputs)) if label == "own" \
+                    else picked_rates(sets[name], forced, refuse)
+            result[name] = entry
+        summary["rows"][label] = result
+    print_table(summary, evaluated)
+    print(json.dumps(summary, default=float))
+
+
+def cpu_class() -> str:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "AVX512-BF16" if "avx512_bf16" in flags or "amx_bf16" in flags else "AVX2 (no bf16 products)"
+
+
+def print_table(summary: dict, evaluated: list[str]) -> None:
+    print(f"CPU {summary['cpu']}, {summary['precision']}; features and refusal scores in {summary['scan_seconds']} s "
+          f"for {sum(summary['items'].values())} prompts")
+    names = ("json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
+             "gold_citation_rate")
+    short = ("json", "cite", "refusal", "ground", "gold")
+    for name in evaluated:
+        print(f"\n{name} ({summary['items'][name]} items)")
+        print(f"{'row':<18} {'thresh':>7} {'auc':>6}  " + " ".join(f"{s:>7}" for s in short) + "  wrong decisions")
+        for label, row in summary["rows"].items():
+            entry = row[name]
+            rates = entry.get("rates", {})
+            threshold = "-" if row["threshold"] is None else f"{row['threshold']:.3f}"
+            cells = " ".join(f"{rates[n]:>7.3f}" if rates.get(n) is not None else f"{'-':>7}" for n in names)
+            wrong = ", ".join(f"{k} {v}" for k, v in entry["wrong"].items()) or "none"
+            print(f"{label:<18} {threshold:>7} {entry['auc']:>6.3f}  {cells}  {sum(entry['wrong'].values())}: {wrong}")
 
 
 if __name__ == "__main__":

@@ -80,9 +80,21 @@ def measured_phases(metadata: dict, wall: float) -> dict[str, float]:
     """The main job's wall time split as the estimate splits it (from metadata.json's timings)."""
     t = metadata["timings"]
     eval_loss = t.get("eval_loss_seconds") or 0.0
-    phases = {"training": (t.get("train_seconds") or 0.0) - eval_loss, "eval-loss passes": eval_loss,
-              "behavioral evaluation": t.get("behavioral_seconds") or 0.0}
+    phases = {"training": (t.get("train_seconds") or 0.0) - eval_loss, "eval-loss passes": eval_loss}
+    if t.get("gate_seconds") is not None:
+        phases["gate fitting"] = t["gate_seconds"]
+    phases["behavioral evaluation"] = t.get("behavioral_seconds") or 0.0
     return {"load, checksums, artifact": wall - sum(phases.values()), **phases}
+
+
+def gate_summary(metadata: dict) -> str:
+    """The gate's choice, its calibration and its cost beside the supervised training it follows."""
+    gate, timings = metadata["gate"], metadata["timings"]
+    train = (timings.get("train_seconds") or 0.0) - (timings.get("eval_loss_seconds") or 0.0)
+    share = f", {gate['seconds'] / train:.2f} x the supervised training ({train:.0f} s)" if train else ""
+    return (f"\nanswerability gate: block {gate['layer']} at the prompt's end, threshold P(refuse) > "
+            f"{gate['threshold']:.3f}, calibration AUC {gate['calibration_auc']:.3f} (cross-fitted on "
+            f"{gate['examples']} decision examples, {gate['refusals']} refuse); fitted in {gate['seconds']:.0f} s{share}")
 
 
 def run(config: str = "configs/demo.yaml") -> int:
@@ -104,13 +116,16 @@ def run(config: str = "configs/demo.yaml") -> int:
     if backend_check(config, result.artifact_dir):
         print("the backend check failed", file=sys.stderr)
         return 1
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    if result.gate is not None:
+        print(gate_summary(metadata))
     if result.behavior is not None:
-        print("\nbehavioral metrics on the eval split, base model vs adapter:")
+        print("\nbehavioral metrics on the eval split, base model vs adapter"
+              + (" and adapter with its answerability gate:" if result.behavior.gated else ":"))
         print(result.behavior.table())
         for label, speed in result.behavior.generation_tokens_per_second().items():
             print(f"generation ({label}): {speed:.1f} tokens/s")
     s = result.summary
-    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
     if plan.eta:
         print("\nwall time by phase, estimated before the run and measured:")
         for name, seconds in measured_phases(metadata, wall).items():

@@ -55,3 +55,6 @@ def test_measured_phases_split_the_wall_time_as_the_estimate_does():
     phases = demo.measured_phases(metadata, wall=720.0)
     assert phases == {"load, checksums, artifact": 70.0, "training": 460.0, "eval-loss passes": 40.0,
                       "behavioral evaluation": 150.0}
+    metadata["timings"]["gate_seconds"] = 60.0
+    phases = demo.measured_phases(metadata, wall=720.0)
+    assert phases["gate fitting"] == 60.0 and phases["load, checksums, artifact"] == 10.0

@@ -263,8 +263,22 @@ def test_verdict_has_exactly_the_documented_keys_and_is_json_serializable():
         "citation_ok": True,
         "groundedness": 1.0,
         "cited": [1],
+        "gold_cited": None,  # this example names no gold document
     }
     json.dumps(verdict)
+
+
+def test_gold_citation_rate_counts_due_answers_that_cite_a_document_holding_the_answer():
+    with_gold = Example(question="Who created Kwanzaa?", documents=DOCS, expect_refusal=False, gold=frozenset({1}))
+    examples = [with_gold, with_gold, with_gold, UNANSWERABLE]
+    # cites the gold document; cites only the other one (a valid citation all the same); refuses; answers
+    # an unanswerable question (no gold document: not counted)
+    outputs = [GOOD, answer("Karenga made it [2].", [2]), REFUSAL, GOOD]
+    verdicts = [score_example(e, o) for e, o in zip(examples, outputs)]
+    assert [v["gold_cited"] for v in verdicts] == [True, False, None, None]
+    rates = aggregate(verdicts)
+    assert rates["gold_citation_rate"] == 0.5
+    assert rates["citation_rate"] == 2 / 3
 
 
 def test_aggregate_of_verdicts_equals_the_compute_functions():

@@ -54,12 +54,16 @@ def load_documents(path: str | Path) -> list[Document]:
 
 
 def describe_result(result: AnswerResult) -> str:
-    """One status line after a streamed reply: is it a contract answer, and what does it cite."""
+    """One status line after a streamed reply: is it a contract answer, what does it cite, and what
+    did the answerability gate decide."""
+    gate = ""
+    if result.gate is not None:
+        gate = f"; gate: {result.gate['decision']} (P(refuse) {result.gate['refuse_probability']:.2f})"
     if result.answer is None:
-        return f"[not a kwanzaa.answer.v1 answer: {result.error}]"
+        return f"[not a kwanzaa.answer.v1 answer: {result.error}{gate}]"
     cited = result.answer.cited_numbers()
     return (f"[kwanzaa.answer.v1: {result.answer.answer.completeness}, confidence "
-            f"{result.answer.answer.confidence:.2f}, cites {cited or 'nothing'}]")
+            f"{result.answer.answer.confidence:.2f}, cites {cited or 'nothing'}{gate}]")
 
 
 def run_chat(model: CausalLMModel, documents: Sequence[Document], read: Callable[[str], str],
@@ -88,5 +92,5 @@ def run_chat(model: CausalLMModel, documents: Sequence[Document], read: Callable
             continue
         for piece in stream:
             write(piece)
-        write("\n" + describe_result(AnswerResult.from_output(stream.text)) + "\n")
+        write("\n" + describe_result(AnswerResult.from_output(stream.text, stream.gate_result)) + "\n")
         answered += 1

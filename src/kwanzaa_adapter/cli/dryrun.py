@@ -53,11 +53,11 @@ def make_plan(config_path, overrides: tuple[str, ...] = (), output_dir: str | No
     requested = config.training.device  # a run planned for a GPU is planned here even without one
     device = requested if requested != "auto" else loading.resolve_device("auto")
     precision = loading.run_precision(config, device, arch)
-    train, evaluation, counted = split_counts(config, source)
+    train, evaluation, counted, tokenizer = split_counts(config, source)
     checkpointing = gradient_checkpointing_on(config, arch, device, precision.resolved)
     lines = [format_plan(config, source, arch, origin, len(train.rows), len(evaluation.rows), device, precision,
                          checkpointing)]
-    eta = time_estimate(config, arch, train, evaluation, precision, checkpointing)
+    eta = time_estimate(config, arch, train, evaluation, precision, checkpointing, gate_prompt_lengths(config, tokenizer))
     if eta is None:
         lines.append(f"No wall-time estimate: the run's device ({device}) is not on this machine to measure.")
     else:
@@ -68,9 +68,23 @@ def make_plan(config_path, overrides: tuple[str, ...] = (), output_dir: str | No
     return Plan("\n".join(lines), eta, precision)
 
 
-def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCounts, bool]:
-    """Token counts of the train and eval splits as training tokenizes them (`True`), or estimated
-    from their characters when the tokenizer cannot be had without a download (`False`)."""
+def gate_prompt_lengths(config: KwanzaaConfig, tokenizer) -> tuple[int, ...]:
+    """Prompt tokens of every decision example the gate will read (none when it is not fitted)."""
+    if not config.gate.fit:
+        return ()
+    from kwanzaa_adapter.evaluation.eval_set import load_eval_items
+
+    items = load_eval_items(config.gate.decision_file, config.data.system_prompt)
+    if tokenizer is None:
+        return tuple(math.ceil(sum(len(m["content"]) for m in item.prompt) / CHARACTERS_PER_TOKEN) for item in items)
+    return tuple(len(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+                 for item in items)[: config.gate.max_examples]
+
+
+def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCounts, bool, object]:
+    """Token counts of the train and eval splits as training tokenizes them (`True`, with the
+    tokenizer), or estimated from their characters when the tokenizer cannot be had without a
+    download (`False`, None)."""
     from kwanzaa_adapter.data.tokenization import tokenize_file
     from kwanzaa_adapter.data.validation import load_examples
 
@@ -89,18 +103,19 @@ def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCount
                 rows.append((min(math.ceil(sum(chars) / CHARACTERS_PER_TOKEN), config.data.max_seq_length),
                              math.ceil(answer / CHARACTERS_PER_TOKEN)))
             splits.append(SplitCounts(tuple(rows)))
-        return splits[0], splits[1], False
+        return splits[0], splits[1], False, None
     splits = []
     for path in (config.data.train_file, config.data.eval_file):
         examples, _ = tokenize_file(path, tokenizer, config.data.max_seq_length,
                                     system_prompt=config.data.system_prompt,
                                     cache_dir=sources.cache_root() / "tokenized")
         splits.append(SplitCounts(tuple((len(e.input_ids), e.supervised_tokens) for e in examples)))
-    return splits[0], splits[1], True
+    return splits[0], splits[1], True, tokenizer
 
 
 def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitCounts, evaluation: SplitCounts,
-                  precision: PrecisionDecision, checkpointing: bool) -> TimeEstimate | None:
+                  precision: PrecisionDecision, checkpointing: bool, gate_prompts: tuple[int, ...] = ()
+                  ) -> TimeEstimate | None:
     """The wall-time estimate over this machine's measured product rate in the resolved precision."""
     import torch
 
@@ -112,7 +127,8 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
         probe, _ = cached_probe(probe_shape(arch.hidden_size, arch.intermediate_size), (precision.resolved,),
                                 sources.cache_root() / "precision", device=device)
         peak = probe.peak(precision.resolved) * 1e9
-    return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing)
+    return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing,
+                         gate_prompts=gate_prompts)
 
 
 def preference_plan(config: KwanzaaConfig) -> str:

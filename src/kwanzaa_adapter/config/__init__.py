@@ -10,6 +10,7 @@ from kwanzaa_adapter.config.sections import (
     ConfigError,
     DataConfig,
     EvaluationConfig,
+    GateConfig,
     KwanzaaConfig,
     ModelConfig,
     MonitoringConfig,
@@ -21,7 +22,7 @@ from kwanzaa_adapter.config.sections import (
 
 __all__ = [
     "AdapterConfig", "ArchitectureConfig", "ArtifactConfig", "CheckpointConfig", "ConfigError", "DataConfig",
-    "EvaluationConfig", "KwanzaaConfig", "ModelConfig", "MonitoringConfig", "PreferenceConfig",
+    "EvaluationConfig", "GateConfig", "KwanzaaConfig", "ModelConfig", "MonitoringConfig", "PreferenceConfig",
     "QuantizationConfig", "RunConfig", "TrainingConfig", "config_from_yaml_text", "load_training_config",
     "parse_override",
 ]

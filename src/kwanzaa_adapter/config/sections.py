@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT
 
@@ -173,6 +173,44 @@ class EvaluationConfig(_Section):
                                    "evaluation, `generate`, `/v1/answer`.")
 
 
+class GateConfig(_Section):
+    """The answerability gate: fitted in step 5 on `decision_file`, applied wherever the adapter answers."""
+
+    fit: bool = Field(default=False, description="Fit the gate after supervised training (needs decision_file).")
+    decision_file: str | None = Field(
+        default=None, description="RAG records labelled answer/refuse, derived from training documents only; "
+                                  "ids '<group>.gate.<kind>.<n>' group the cross-fitting folds.")
+    exclude_files: list[str] = Field(
+        default_factory=list, description="Eval sets besides data.eval_file whose prompts no decision example may hold.")
+    layers: list[int] | Literal["auto"] = Field(
+        default="auto", description="Candidate blocks (1-based) whose output may feed the gate; auto: a third, "
+                                    "half and two thirds of the depth.")
+    regularization: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.25], min_length=1,
+        description="Candidate inverse L2 strengths (logistic regression C).")
+    folds: int = Field(default=5, ge=2, le=100, description="Cross-fitting folds, grouped by question.")
+    refusal_prior: float = Field(
+        default=0.33, gt=0.0, lt=1.0, description="Share of questions expected to need a refusal; weighs the "
+                                                  "threshold's errors (the shipped training records: 91 of 277).")
+    max_examples: int | None = Field(default=None, gt=0, le=10**7, description="Use at most this many examples.")
+    batch_size: int = Field(default=8, gt=0, le=65536, description="Prompts per feature forward pass.")
+    apply: bool = Field(default=True, description="Use the artifact's gate when answering; false: the "
+                                                  "generation's own decision, for comparison.")
+
+    @field_validator("regularization")
+    @classmethod
+    def _positive(cls, value: list[float]) -> list[float]:
+        if any(c <= 0 for c in value):
+            raise ValueError("every C must be > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _file_when_fitting(self) -> "GateConfig":
+        if self.fit and not self.decision_file:
+            raise ValueError("decision_file is required when fit is true")
+        return self
+
+
 class CheckpointConfig(_Section):
     save_steps: int = Field(gt=0, le=10**9, description="Optimizer steps between checkpoints.")
     save_total_limit: int = Field(default=3, gt=0, le=10**6, description="Checkpoints kept on disk.")
@@ -243,6 +281,7 @@ class KwanzaaConfig(_Section):
     training: TrainingConfig
     evaluation: EvaluationConfig
     checkpointing: CheckpointConfig
+    gate: GateConfig = Field(default_factory=GateConfig)
     artifacts: ArtifactConfig = Field(default_factory=ArtifactConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 

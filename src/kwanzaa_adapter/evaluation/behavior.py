@@ -19,6 +19,7 @@ from kwanzaa_adapter.evaluation.runs import (
     plot_comparison,
     write_predictions,
 )
+from kwanzaa_adapter.generation.gate import AnswerabilityGate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
 log = logging.getLogger(__name__)
@@ -29,29 +30,40 @@ COMPARISON_PLOT = "behavior_comparison.png"
 class BehaviorReport:
     base: EvalRun
     adapter: EvalRun | None
-    seconds: float = 0.0  # both generation passes and their scoring
+    seconds: float = 0.0  # every generation pass and its scoring
+    gated: EvalRun | None = None  # the adapter with its answerability gate, beside it without
+    gate: dict | None = None  # the gate's description (layer, threshold, calibration AUC)
+
+    @property
+    def runs(self) -> list[EvalRun]:
+        return [run for run in (self.base, self.adapter, self.gated) if run is not None]
 
     def as_json(self) -> dict:
         if self.adapter is None:
             return {"base": self.base.rates}
-        return comparison_json(self.base, self.adapter)
+        result = comparison_json(self.base, self.adapter, self.gated)
+        if self.gate is not None:
+            result["gate"] = self.gate
+        return result
 
     def table(self) -> str:
-        return comparison_table(self.base.rates, self.adapter.rates if self.adapter else {})
+        return comparison_table(self.base.rates, self.adapter.rates if self.adapter else {},
+                                self.gated.rates if self.gated else None)
 
     def generation_tokens_per_second(self) -> dict:
-        runs = [self.base] + ([self.adapter] if self.adapter else [])
-        return {run.label: run.tokens_per_second for run in runs}
+        return {run.label: run.tokens_per_second for run in self.runs}
 
     def write(self, predictions_path: Path, plot_path: Path | None = None) -> None:
-        write_predictions(predictions_path, [r for r in (self.base, self.adapter) if r is not None])
+        write_predictions(predictions_path, self.runs)
         if plot_path is not None and self.adapter is not None:
-            plot_comparison(self.base.rates, self.adapter.rates, plot_path)
+            plot_comparison(self.base.rates, self.adapter.rates, plot_path, self.gated.rates if self.gated else None)
 
 
 def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | Path | None = None,
-                     with_adapter: bool = True) -> BehaviorReport:
-    """Generate on the eval items with the base model and, when `with_adapter`, with the adapter too."""
+                     with_adapter: bool = True, gate: AnswerabilityGate | None = None) -> BehaviorReport:
+    """Generate on the eval items with the base model and, when `with_adapter`, with the adapter too;
+    with a `gate` (applied unless gate.apply is off), the adapter once more with the gate holding
+    every decision, so that both are seen side by side."""
     items = load_eval_items(data_file or config.data.eval_file, config.data.system_prompt,
                             max_examples=config.evaluation.max_examples)
     grammar = SchemaGrammar(tokenizer) if config.evaluation.constrained_decoding else None
@@ -63,7 +75,11 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
         base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options)
     else:
         base, adapter = evaluate(model, tokenizer, items, label="base", **options), None
-    report = BehaviorReport(base, adapter, time.perf_counter() - started)
+    gated = None
+    if with_adapter and gate is not None and config.gate.apply:
+        gated = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, **options)
+    report = BehaviorReport(base, adapter, time.perf_counter() - started, gated,
+                            gate.describe() if gate is not None else None)
     log.info("behavioral metrics:\n%s", report.table())
     return report
 

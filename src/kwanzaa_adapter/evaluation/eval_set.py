@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT
+from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT, parse_answer
 from kwanzaa_adapter.data.records import ChatExample, Document, RagRecord, render_record
 from kwanzaa_adapter.evaluation.metrics import Example
 
@@ -60,6 +60,31 @@ def load_eval_items(
     return items
 
 
+def user_turns(item: EvalItem) -> str:
+    """The user turns of an item's prompt: what identifies a question over its documents."""
+    return "\n".join(m["content"] for m in item.prompt if m["role"] == "user")
+
+
+def eval_prompts(path: str | Path, system_prompt: str) -> set[str]:
+    """The user turns of every line of an eval file, to keep an eval set out of training-side data."""
+    prompts = set()
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvaluationDataError(f"{path}:{number}: not a JSON line ({exc.msg} at char {exc.pos})") from None
+            if isinstance(value, dict) and "messages" in value:
+                prompts.add("\n".join(m.get("content", "") for m in value["messages"]
+                                      if isinstance(m, dict) and m.get("role") == "user"))
+            else:
+                prompts.add(user_turns(parse_eval_line(line, f"{path}:{number}", system_prompt)))
+    return prompts
+
+
 def parse_eval_line(line: str, where: str, system_prompt: str) -> EvalItem:
     try:
         value = json.loads(line)
@@ -96,8 +121,12 @@ def _chat_item(value: dict, where: str) -> EvalItem:
     prompt = [m.model_dump() for m in chat.messages[:last_assistant]]
     if not prompt:
         raise EvaluationDataError(f"{where}: nothing before the last assistant turn to prompt with")
-    example = Example(question=prompt[-1]["content"], documents=info.documents, expect_refusal=info.expect_refusal)
-    return EvalItem(info.id, prompt, example, chat.messages[last_assistant].content)
+    reference = chat.messages[last_assistant].content
+    gold = parse_answer(reference).answer
+    cited = gold.cited_numbers() if gold is not None and not info.expect_refusal else []
+    example = Example(question=prompt[-1]["content"], documents=info.documents, expect_refusal=info.expect_refusal,
+                      gold=frozenset(cited))
+    return EvalItem(info.id, prompt, example, reference)
 
 
 def _describe(exc: ValidationError) -> str:

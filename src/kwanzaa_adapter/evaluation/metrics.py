@@ -183,10 +183,12 @@ class Example:
     question: str
     documents: Sequence[DocumentLike]
     expect_refusal: bool
+    gold: frozenset[int] = frozenset()  # numbers of the documents that hold the answer (the gold answer's citations)
 
     @classmethod
     def from_record(cls, record: RagRecord) -> "Example":
-        return cls(record.question, list(record.documents), record.expect_refusal)
+        gold = record.answer.cited_numbers() if record.answer is not None and not record.expect_refusal else []
+        return cls(record.question, list(record.documents), record.expect_refusal, frozenset(gold))
 
 
 ExampleLike = Example | RagRecord
@@ -237,6 +239,8 @@ def score_example(example: ExampleLike, output: str) -> dict:
     answer = parsed.answer
     refused = answer is not None and answer.is_refusal
     should_answer = not example.expect_refusal
+    gold = set(getattr(example, "gold", ()))  # a RagRecord brings none: only Example names its gold documents
+    answered_due = answer is not None and not refused and should_answer and bool(gold)
     return {
         "json_valid": answer is not None,
         "parse_error": parsed.error,
@@ -245,6 +249,8 @@ def score_example(example: ExampleLike, output: str) -> dict:
         "citation_ok": _citation_ok(answer, len(example.documents)) if should_answer else None,
         "groundedness": _groundedness(answer, example.documents) if answer is not None and not refused else None,
         "cited": answer.cited_numbers() if answer is not None else [],
+        # Answered where an answer was due: does it cite a document that holds the answer?
+        "gold_cited": bool(set(answer.cited_numbers()) & gold) if answered_due else None,
     }
 
 
@@ -279,15 +285,20 @@ def _sentence_grounded(sentence: str, document_words: list[set[str]]) -> bool:
 
 
 def aggregate(verdicts: Sequence[Mapping]) -> dict:
-    """The four rates of SPEC section 6 from `score_example` verdicts; None where no example applies."""
+    """The four rates of SPEC section 6 from `score_example` verdicts, and the share of due answers
+    that cite a gold document (where the examples name one); None where no example applies."""
     citation = [v["citation_ok"] for v in verdicts if v["citation_ok"] is not None]
     groundedness = [v["groundedness"] for v in verdicts if v["groundedness"] is not None]
-    return {
+    gold = [v["gold_cited"] for v in verdicts if v.get("gold_cited") is not None]
+    rates = {
         "json_validity_rate": _mean([v["json_valid"] for v in verdicts]),
         "citation_rate": _mean(citation),
         "refusal_correctness_rate": _mean([v["refusal_correct"] for v in verdicts]),
         "retrieval_groundedness_rate": _mean(groundedness),
     }
+    if gold:
+        rates["gold_citation_rate"] = _mean(gold)
+    return rates
 
 
 def score_all(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> list[dict]:

@@ -17,6 +17,7 @@ from kwanzaa_adapter.contract import parse_answer
 from kwanzaa_adapter.evaluation.eval_set import EvalItem
 from kwanzaa_adapter.evaluation.metrics import aggregate, score_example
 from kwanzaa_adapter.generation.decoding import generate
+from kwanzaa_adapter.generation.gate import AnswerabilityGate, decision_label
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
 PREDICTIONS_FILE = "eval_predictions.jsonl"
@@ -35,22 +36,31 @@ class EvalRun:
 
 def evaluate(
     model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int, label: str,
-    progress: bool = True, grammar: SchemaGrammar | None = None,
+    progress: bool = True, grammar: SchemaGrammar | None = None, gate: AnswerabilityGate | None = None,
+    forced: Sequence[bool] | None = None,
 ) -> EvalRun:
-    """Generate for every item, score each output with `metrics.score_example`, aggregate the rates."""
+    """Generate for every item, score each output with `metrics.score_example`, aggregate the rates.
+
+    With a `gate` (or `forced` decisions) each row records the decision held and the gate's P(refuse).
+    """
     result = generate(
         model, tokenizer, [item.prompt for item in items],
         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
+        gate=gate, forced=forced,
     )
-    rows = [_row(item, output, label) for item, output in zip(items, result.outputs)]
+    decided = result.refuse or [None] * len(items)
+    probabilities = result.refuse_probabilities or [None] * len(items)
+    rows = [_row(item, output, label, refuse, p)
+            for item, output, refuse, p in zip(items, result.outputs, decided, probabilities)]
     return EvalRun(label, aggregate(rows), rows, result.tokens_per_second)
 
 
-def _row(item: EvalItem, output: str, label: str) -> dict:
+def _row(item: EvalItem, output: str, label: str, refuse: bool | None = None, probability: float | None = None) -> dict:
     parsed = parse_answer(output)
     answer = parsed.answer.model_dump(mode="json", exclude_none=True) if parsed.answer is not None else None
     verdict = score_example(item.example, output)
-    return {"id": item.id, "model": label, "output": output, "parsed": answer, "parse_error": parsed.error, **verdict}
+    return {"id": item.id, "model": label, "output": output, "parsed": answer, "parse_error": parsed.error,
+            "decision": decision_label(refuse), "refuse_probability": probability, **verdict}
 
 
 def evaluate_base_and_adapter(
@@ -80,20 +90,25 @@ def write_predictions(path: str | Path, runs: Sequence[EvalRun]) -> Path:
     return path
 
 
-def comparison_json(base_run: EvalRun, adapter_run: EvalRun) -> dict:
-    """{"base": {metric: value}, "adapter": {metric: value}} with the metric names of `aggregate`."""
-    return {"base": dict(base_run.rates), "adapter": dict(adapter_run.rates)}
+def comparison_json(base_run: EvalRun, adapter_run: EvalRun, gated_run: EvalRun | None = None) -> dict:
+    """{"base": {metric: value}, "adapter": {...}[, "adapter_gate": {...}]} with the names of `aggregate`."""
+    result = {"base": dict(base_run.rates), "adapter": dict(adapter_run.rates)}
+    if gated_run is not None:
+        result["adapter_gate"] = dict(gated_run.rates)
+    return result
 
 
-def comparison_table(base_rates: Mapping, adapter_rates: Mapping) -> str:
-    """Plain-text table: metric, base, adapter and the difference (adapter - base); None is n/a."""
-    metrics = list(dict.fromkeys([*base_rates, *adapter_rates]))
-    header = ("metric", "base", "adapter", "difference")
+def comparison_table(base_rates: Mapping, adapter_rates: Mapping, gated_rates: Mapping | None = None) -> str:
+    """Plain-text table: metric, base, adapter, the difference (adapter - base) and, with a gate, the
+    adapter with its gate applied; None is n/a."""
+    metrics = list(dict.fromkeys([*base_rates, *adapter_rates, *(gated_rates or {})]))
+    header = ("metric", "base", "adapter", "difference") + (("adapter + gate",) if gated_rates is not None else ())
     body = []
     for metric in metrics:
         base, adapter = base_rates.get(metric), adapter_rates.get(metric)
         difference = adapter - base if base is not None and adapter is not None else None
-        body.append((metric, _cell(base), _cell(adapter), _cell(difference, signed=True)))
+        gated = (_cell(gated_rates.get(metric)),) if gated_rates is not None else ()
+        body.append((metric, _cell(base), _cell(adapter), _cell(difference, signed=True), *gated))
     widths = [max(len(row[column]) for row in [header, *body]) for column in range(len(header))]
     lines = [_table_line(header, widths), _table_line(tuple("-" * w for w in widths), widths)]
     lines += [_table_line(row, widths) for row in body]
@@ -111,27 +126,29 @@ def _table_line(cells: tuple[str, ...], widths: list[int]) -> str:
     return "  ".join([first.ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(rest, widths[1:]))])
 
 
-def plot_comparison(base_rates: Mapping, adapter_rates: Mapping, path: str | Path) -> Path:
-    """Grouped bar chart of the rates, base vs adapter, values written on the bars; saved as PNG."""
+def plot_comparison(base_rates: Mapping, adapter_rates: Mapping, path: str | Path,
+                    gated_rates: Mapping | None = None) -> Path:
+    """Grouped bar chart of the rates, base vs adapter (and adapter + gate), values on the bars; PNG."""
     # The object-oriented Figure renders with Agg without touching pyplot's global backend.
     from matplotlib.figure import Figure
 
-    metrics = list(dict.fromkeys([*base_rates, *adapter_rates]))
+    metrics = list(dict.fromkeys([*base_rates, *adapter_rates, *(gated_rates or {})]))
     figure = Figure(figsize=(max(6.0, 2.2 * len(metrics)), 4.5), layout="constrained")
     axes = figure.add_subplot()
-    width = 0.38
-    for offset, (label, rates, color) in enumerate(
-        [("base", base_rates, "#9e9e9e"), ("adapter", adapter_rates, "#1f77b4")]
-    ):
+    sides = [("base", base_rates, "#9e9e9e"), ("adapter", adapter_rates, "#1f77b4")]
+    if gated_rates is not None:
+        sides.append(("adapter + gate", gated_rates, "#2ca02c"))
+    width = 0.8 / len(sides)
+    for offset, (label, rates, color) in enumerate(sides):
         values = [rates.get(metric) for metric in metrics]
-        positions = [i + (offset - 0.5) * width for i in range(len(metrics))]
+        positions = [i + (offset - (len(sides) - 1) / 2) * width for i in range(len(metrics))]
         bars = axes.bar(positions, [v or 0.0 for v in values], width, label=label, color=color)
         axes.bar_label(bars, labels=[_cell(v) for v in values], padding=2, fontsize=9)
     axes.set_xticks(range(len(metrics)), [m.removesuffix("_rate").replace("_", "\n") for m in metrics])
     axes.set_ylim(0.0, 1.1)
     axes.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
     axes.set_ylabel("rate")
-    axes.set_title("Behavioral metrics: base vs adapter")
+    axes.set_title("Behavioral metrics: base vs adapter" + (" (and its gate)" if gated_rates is not None else ""))
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

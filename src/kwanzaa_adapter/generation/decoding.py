@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, gate_tap
 from kwanzaa_adapter.generation.grammar import ContractLogits, SchemaGrammar
 
 
@@ -27,6 +28,9 @@ class GenerationResult:
     new_tokens: int
     seconds: float
     token_ids: list[list[int]] = field(default_factory=list)
+    # With a gate (or forced decisions): True = refuse, False = answer, per prompt; and the gate's P(refuse).
+    refuse: list[bool | None] = field(default_factory=list)
+    refuse_probabilities: list[float | None] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -42,12 +46,16 @@ def generate(
     batch_size: int,
     progress: bool = True,
     grammar: SchemaGrammar | None = None,
+    gate: AnswerabilityGate | None = None,
+    forced: Sequence[bool] | None = None,
 ) -> GenerationResult:
     """Greedy, batched decoding of chat prompts; outputs come back in prompt order.
 
     Prompts are sorted by length so each batch pads little; decoding stops at the end-of-turn
     token, and only the new tokens are decoded and counted (padding after it is not). With a
-    `grammar`, every output is held to the answer contract (constrained decoding).
+    `grammar`, every output is held to the answer contract (constrained decoding). With a `gate`,
+    each answer's decision (answer or refuse) is the gate's, read from the prefill; with `forced`,
+    it is given (True = refuse, one per prompt).
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}")
@@ -56,7 +64,11 @@ def generate(
     stop_ids = end_of_turn_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
+    if forced is not None and len(forced) != len(prompts):
+        raise ValueError(f"{len(forced)} forced decisions for {len(prompts)} prompts")
     new_ids: list[list[int]] = [[] for _ in prompts]
+    refuse: list[bool | None] = [None] * len(prompts)
+    probabilities: list[float | None] = [None] * len(prompts)
     outputs: list[str] = [""] * len(prompts)
     counted = 0
     start = time.perf_counter()
@@ -66,17 +78,26 @@ def generate(
             indices = order[first : first + batch_size]
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in indices]}, return_tensors="pt").to(device)
             prompt_length = batch["input_ids"].shape[1]
-            constrained = [ContractLogits(grammar, len(indices), prompt_length, stop_ids)] if grammar else []
-            generated = model.generate(
+            processors = [ContractLogits(grammar, len(indices), prompt_length, stop_ids)] if grammar else []
+            with gate_tap(model, gate if forced is None else None) as tap:
+                if gate is not None or forced is not None:
+                    holding = GateLogits(tokenizer, prompt_length, gate=gate, tap=tap,
+                                         forced=[forced[i] for i in indices] if forced is not None else None)
+                    processors.append(holding)
+                generated = model.generate(
                 **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop_ids,
-                pad_token_id=pad_id,
-                use_cache=True,
-                stopping_criteria=StoppingCriteriaList([NotAJsonObject(tokenizer, prompt_length)]),
-                logits_processor=LogitsProcessorList(constrained),
-            )
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=stop_ids,
+                    pad_token_id=pad_id,
+                    use_cache=True,
+                    stopping_criteria=StoppingCriteriaList([NotAJsonObject(tokenizer, prompt_length)]),
+                    logits_processor=LogitsProcessorList(processors),
+                )
+            if gate is not None or forced is not None:
+                for position, index in enumerate(indices):
+                    refuse[index] = holding.refuse[position]
+                    probabilities[index] = holding.probabilities[position]
             for row, index in zip(generated[:, prompt_length:].tolist(), indices):
                 tokens, stopped = _until_stop(row, [*stop_ids, pad_id])
                 new_ids[index] = tokens
@@ -84,7 +105,7 @@ def generate(
                 outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
             bar.update(len(indices))
         bar.close()
-    return GenerationResult(outputs, counted, time.perf_counter() - start, new_ids)
+    return GenerationResult(outputs, counted, time.perf_counter() - start, new_ids, refuse, probabilities)
 
 
 class NotAJsonObject(StoppingCriteria):

@@ -277,11 +277,14 @@ def generation_flops(arch: ArchitectureConfig, rows: tuple[tuple[int, int], ...]
 
 
 def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitCounts, evaluation: SplitCounts,
-                  peak_flops: float, precision: str, checkpointing: bool, world_size: int = 1) -> TimeEstimate:
+                  peak_flops: float, precision: str, checkpointing: bool, world_size: int = 1,
+                  gate_prompts: tuple[int, ...] = ()) -> TimeEstimate:
     """Wall time of `train_adapter` by phase: FLOPs over the measured peak at UTILISATION.
 
     Training covers the configured epochs (or max_steps); each eval-loss pass covers the eval
-    split; the behavioral evaluation generates for the eval split twice (base, then adapter). The
+    split; the gate's fitting is one forward pass over each decision prompt (`gate_prompts`, their
+    token counts); the behavioral evaluation generates for the eval split twice (base, then adapter),
+    three times with a gate (and adapter + gate). The
     base model is assumed to stop as soon as its output cannot be the contract (an untrained base
     does at its first token); a base that already answers in JSON adds up to one more decode.
     """
@@ -303,9 +306,16 @@ def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
     est.phases["eval-loss passes"] = evals * per_eval / (rate * share["forward"])
     est.details["eval-loss passes"] = f"{evals} x {evaluation.tokens:,} tokens"
 
+    if gate_prompts:
+        gate_flops = sum(forward_flops(arch, tokens, 0) for tokens in gate_prompts)
+        est.phases["gate fitting"] = gate_flops / (peak_flops * share["forward"])
+        est.details["gate fitting"] = f"{len(gate_prompts)} decision prompts, {sum(gate_prompts):,} tokens"
+
     if e.behavioral:
         rows = evaluation.rows[: e.max_examples] if e.max_examples else evaluation.rows
         prefill, decode, new_tokens = generation_flops(arch, rows, e.batch_size, e.max_new_tokens)
-        est.phases["behavioral evaluation"] = (2 * prefill / share["prefill"] + decode / share["decode"]) / peak_flops
-        est.details["behavioral evaluation"] = f"2 x {len(rows)} prompts, ~{new_tokens:,} new tokens"
+        passes = 3 if gate_prompts else 2
+        est.phases["behavioral evaluation"] = (passes * prefill / share["prefill"]
+                                               + (passes - 1) * decode / share["decode"]) / peak_flops
+        est.details["behavioral evaluation"] = f"{passes} x {len(rows)} prompts, ~{new_tokens:,} new tokens"
     return est

@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Callable
 
 from kwanzaa_adapter.config import ConfigError, KwanzaaConfig
-from kwanzaa_adapter.evaluation.eval_set import EvalItem, EvaluationDataError, parse_eval_line
+from kwanzaa_adapter.evaluation.eval_set import (
+    EvalItem,
+    EvaluationDataError,
+    eval_prompts,
+    parse_eval_line,
+    user_turns,
+)
 from kwanzaa_adapter.evaluation.metrics import score_example
 from kwanzaa_adapter.generation.decoding import generate
 from kwanzaa_adapter.training.checkpointing import RunIdentity, checkpoint_to_resume
@@ -92,17 +98,13 @@ class Round:
 # --------------------------------------------------------------------------- data
 
 
-def _user_turns(item: EvalItem) -> str:
-    return "\n".join(m["content"] for m in item.prompt if m["role"] == "user")
-
-
 def load_mining_set(path: str | Path, eval_path: str | Path, system_prompt: str) -> MiningSet:
     """One-answer chat lines of `path` that can be scored, minus any whose prompt is in the eval split.
 
     Dialogues (more than one assistant turn) and lines without meta.documents are skipped and counted;
     a line that is not valid JSON or chat form is an error naming file:line.
     """
-    eval_prompts = _prompts_of(eval_path, system_prompt)
+    held_out = eval_prompts(eval_path, system_prompt)
     items, skipped = [], Counter()
     path = Path(path)
     with path.open(encoding="utf-8") as handle:
@@ -119,30 +121,14 @@ def load_mining_set(path: str | Path, eval_path: str | Path, system_prompt: str)
                 skipped["no_documents"] += 1
                 continue
             item = parse_eval_line(line, f"{path}:{number}", system_prompt)
-            if _user_turns(item) in eval_prompts:
+            if user_turns(item) in held_out:
                 skipped["in_eval_split"] += 1
                 continue
             items.append(item)
     if not items:
         raise EvaluationDataError(f"{path}: no line to mine on: preference mining needs chat lines with one "
                                   "assistant turn and meta.id, meta.expect_refusal and meta.documents")
-    return MiningSet(items, dict(skipped), frozenset(eval_prompts))
-
-
-def _prompts_of(path: str | Path, system_prompt: str) -> set[str]:
-    """The user turns of every line of an eval file, to keep the eval split out of mining."""
-    prompts = set()
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                value = _json_line(line, f"{path}:{number}")
-                if isinstance(value, dict) and "messages" in value:
-                    prompts.add("\n".join(m.get("content", "") for m in value["messages"]
-                                          if isinstance(m, dict) and m.get("role") == "user"))
-                else:
-                    prompts.add(_user_turns(parse_eval_line(line, f"{path}:{number}", system_prompt)))
-    return prompts
+    return MiningSet(items, dict(skipped), frozenset(held_out))
 
 
 def _json_line(line: str, where: str):
@@ -167,7 +153,7 @@ def load_near_miss_pairs(path: str | Path, mining: MiningSet, system_prompt: str
             if not isinstance(original_id, str):
                 raise EvaluationDataError(f"{where}: meta.near_miss_of is missing: name the id of the mining-file "
                                           "line whose answering document this line swaps out")
-            if _user_turns(item) in mining.eval_prompts:
+            if user_turns(item) in mining.eval_prompts:
                 raise EvaluationDataError(f"{where}: this prompt is in the eval split ({Path(path).name} would "
                                           "train on what the adapter is judged by)")
             original = by_id.get(original_id)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from kwanzaa_adapter.evaluation.behavior import COMPARISON_PLOT
 from kwanzaa_adapter.evaluation.runs import plot_comparison
+from kwanzaa_adapter.generation.gate import GATE_FILE
 from kwanzaa_adapter.modeling.sources import file_sha256
 from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact
 from kwanzaa_adapter.safety.checksums import verify_adapter_state_dict
@@ -75,7 +76,8 @@ def dataset_record(path: str, report: dict) -> dict:
     return {"file": str(path), "sha256": file_sha256(Path(path)), **report}
 
 
-def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral=None) -> dict:
+def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral=None,
+                             gate=None) -> dict:
     return {
         "format": ARTIFACT_FORMAT,
         "artifact_version": run.version,
@@ -94,7 +96,8 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         "timings": {"total_seconds": round(time.time() - started, 1),
                     "train_seconds": outcome.train_metrics.get("train_runtime"),  # eval-loss passes included
                     "eval_loss_seconds": outcome.summary.get("eval_seconds"),
-                    "behavioral_seconds": (behavioral or {}).get("seconds")},
+                    "behavioral_seconds": (behavioral or {}).get("seconds"),
+                    "gate_seconds": round(gate.seconds, 1) if gate else None},
         "parameters": {**{k: bundle.parameters[k] for k in ("trainable", "total", "percent")},
                        "trainable_tensors": len(bundle.parameters["trainable_names"])},
         "optimizer": outcome.optimizer,
@@ -104,6 +107,8 @@ def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, s
         # training.preference: pairs mined (by error type), beta, steps and seconds of every round
         "preference": outcome.summary.get("preference"),
         "final_metrics": final_metrics(outcome, behavioral),
+        # The answerability gate (GATE_FILE): block, position, threshold, calibration AUC, its examples
+        "gate": {"file": GATE_FILE, **gate.summary()} if gate else None,
         "signing": {"signature": SIGNATURE_NAME, "public_key_sha256": private_key_fingerprint(config.artifacts.signing)}
         if config.artifacts.signing else None,
     }
@@ -153,15 +158,44 @@ def preference_line(preference: dict | None) -> str:
     return f"{loss}, beta {preference['beta']}, lr {preference['learning_rate']}; " + "; ".join(rounds)
 
 
+def gate_section(metadata: dict) -> str:
+    """The model card's account of the answerability gate: what feeds it, where it cuts, how well it
+    separated the decision examples it was chosen on."""
+    gate = metadata.get("gate")
+    if not gate:
+        return "This artifact has no answerability gate: the generation makes its own answer-or-refuse decision."
+    tried = ", ".join(f"block {c['layer']} C {c['C']}: {c['auc']:.3f}" for c in gate["candidates"])
+    return f"""`{gate['file']}` decides answer or refuse before the answer is written: a logistic regression
+over the output of decoder block {gate['layer']} at the prompt's last token (width {gate.get('width', 'n/a')}),
+standardised; it refuses when P(refuse) > {gate['threshold']:.3f}. It forces only that decision (the
+answer text opening "The documents do not" and `completeness: insufficient_data`, or neither); the
+model writes the rest.
+
+| | |
+| --- | --- |
+| calibration AUC (cross-fitted, {gate['folds']} folds grouped by question) | {gate['calibration_auc']:.3f} |
+| decision examples | {gate['examples']} ({gate['refusals']} refuse) from `{gate['decision_file']}`, none sharing a prompt with an eval set |
+| threshold | {gate['threshold']:.3f}, fewest errors weighted by a refusal share of {gate['refusal_prior']} |
+| candidates (cross-fitted AUC) | {tried} |
+| fitting time | {gate['seconds']:.0f} s |
+
+Turn it off with `--set gate.apply=false` to compare with the generation's own decision."""
+
+
 def generate_adapter_readme(config, metadata: dict, with_comparison: bool) -> str:
     base = config.model.name_or_path
     m = metadata["final_metrics"]
     tags = "\n".join(f"  - {t}" for t in config.artifacts.tags)
     behavioral = m.get("behavioral") or {}
     rows = ["| metric | base | adapter |", "| --- | --- | --- |"]
-    for name in ("json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate"):
+    gated = behavioral.get("adapter_gate")
+    if gated:
+        rows = ["| metric | base | adapter | adapter + gate |", "| --- | --- | --- | --- |"]
+    for name in ("json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
+                 "gold_citation_rate"):
         if name in behavioral.get("adapter", {}):
-            rows.append(f"| {name} | {_fmt(behavioral['base'].get(name))} | {_fmt(behavioral['adapter'][name])} |")
+            row = f"| {name} | {_fmt(behavioral['base'].get(name))} | {_fmt(behavioral['adapter'][name])} |"
+            rows.append(row + (f" {_fmt(gated.get(name))} |" if gated else ""))
     rows += [f"| eval loss | | {_fmt(m['eval_loss'])} |", f"| perplexity | | {_fmt(m['perplexity'])} |"]
     q = config.quantization
     precision = metadata["precision"]["resolved"]
@@ -227,6 +261,10 @@ tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
 
 {f"![Base model versus adapter]({COMPARISON_PLOT})" if with_comparison else ""}
 
+## Answerability gate
+
+{gate_section(metadata)}
+
 ![Training curves]({CURVES_FILE})
 
 ## Provenance
@@ -238,7 +276,7 @@ versions, hardware, dataset digests and timings.
 
 
 def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior=None,
-                          check=None) -> Path:
+                          check=None, gate=None) -> Path:
     """Write final_artifact/ atomically (temporary directory, then rename) and seal it.
 
     `check(staging)` runs on the sealed artifact before it is renamed into place: a run killed or
@@ -251,15 +289,18 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
         behavioral["seconds"] = round(behavior.seconds, 1)
     model.peft_config["default"].base_model_name_or_path = config.model.name_or_path
     model.save_pretrained(run.adapter_path, safe_serialization=True)
-    metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral)
+    metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral, gate)
     with atomic_directory(run.artifact_path) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         fault_point("artifact_write")
         verify_adapter_state_dict(load_file(staging / "adapter_model.safetensors"))
+        if gate is not None:
+            gate.gate.save(staging / GATE_FILE)
         plot_training_curves(outcome.history, staging / CURVES_FILE, title=f"{config.run.name} v{run.version}")
         shutil.copyfile(staging / CURVES_FILE, run.path / CURVES_FILE)  # the run directory shows it too
         if behavior:
-            plot_comparison(behavior.base.rates, behavior.adapter.rates, staging / COMPARISON_PLOT)
+            plot_comparison(behavior.base.rates, behavior.adapter.rates, staging / COMPARISON_PLOT,
+                            behavior.gated.rates if behavior.gated else None)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         (staging / "training_config.yaml").write_text(config.to_yaml())
         training_metrics = {"summary": outcome.summary, "final_eval": outcome.final_eval,

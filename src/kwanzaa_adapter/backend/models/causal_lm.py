@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.contract import Answer, parse_answer
 from kwanzaa_adapter.data.records import Document, RagRecord, render_record
 from kwanzaa_adapter.generation.decoding import end_of_turn_ids, generate
+from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap, load_gate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 from kwanzaa_adapter.modeling.loading import (
     AdapterVerificationError,
@@ -156,21 +157,30 @@ class AnswerResult:
     raw_output: str
     answer: Answer | None
     error: str | None
+    gate: dict | None = None  # {"decision", "refuse_probability"} when the answerability gate held it
 
     @classmethod
-    def from_output(cls, raw: str) -> AnswerResult:
+    def from_output(cls, raw: str, gate: dict | None = None) -> AnswerResult:
         parsed = parse_answer(raw)
-        return cls(raw, parsed.answer, parsed.error)
+        return cls(raw, parsed.answer, parsed.error, gate)
 
     @property
     def ok(self) -> bool:
         return self.answer is not None
 
     def to_json(self) -> dict:
+        held = {"gate": self.gate} if self.gate is not None else {}
         if self.answer is not None:
-            return {"answer": self.answer.model_dump(mode="json", exclude_none=True), "error": None}
+            return {"answer": self.answer.model_dump(mode="json", exclude_none=True), "error": None, **held}
         return {"answer": None,
-                "error": {"type": "invalid_output", "message": self.error, "raw_output": self.raw_output}}
+                "error": {"type": "invalid_output", "message": self.error, "raw_output": self.raw_output}, **held}
+
+
+def gate_verdict(refuse: bool | None, probability: float | None) -> dict | None:
+    """What a reply says about the gate's part in it (None: no gate held this answer)."""
+    if refuse is None:
+        return None
+    return {"decision": decision_label(refuse), "refuse_probability": probability}
 
 
 class _Cancelled(StoppingCriteria):
@@ -189,8 +199,10 @@ class ChatStream:
     """
 
     def __init__(self, owner: CausalLMModel, messages: Sequence[dict], max_new_tokens: int,
-                 temperature: float = 0.0, top_p: float = 1.0):
+                 temperature: float = 0.0, top_p: float = 1.0, gated: bool = True):
         self.owner, self.max_new_tokens = owner, max_new_tokens
+        self.gate = owner.gate if gated else None
+        self.gate_result: dict | None = None  # after the iteration, with a gate: its decision
         self.sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
             else {"do_sample": False}
         self.prompt_ids = owner.encode(messages, max_new_tokens)
@@ -208,13 +220,17 @@ class ChatStream:
 
             def run() -> None:
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), gate_tap(owner.model, self.gate) as tap:
+                        holding = [GateLogits(owner.tokenizer, ids.shape[1], gate=self.gate, tap=tap)] \
+                            if self.gate is not None else []
                         outcome["ids"] = owner.model.generate(
                             input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                             max_new_tokens=self.max_new_tokens, eos_token_id=stop_ids, pad_token_id=stop_ids[0],
                             use_cache=True, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]),
-                            **self.sampling,
+                            logits_processor=LogitsProcessorList(holding), **self.sampling,
                         )[0, len(self.prompt_ids):].tolist()
+                    if holding:
+                        self.gate_result = gate_verdict(holding[0].refuse[0], holding[0].probabilities[0])
                 except BaseException as exc:  # re-raised in the consumer's thread
                     outcome["error"] = exc
                     streamer.end()
@@ -264,6 +280,9 @@ class CausalLMModel:
         if adapter is not None:
             self.adapter = check_base_digest(verified, self.base_digest, allow_base_mismatch)
             model = load_verified_adapter(model, adapter, trusted)
+        # The gate comes from the verified artifact; gate.apply false leaves the decision to the generation.
+        self.gate: AnswerabilityGate | None = load_gate(adapter) if adapter is not None and config.gate.apply \
+            else None
         if loaded_as != self.precision.resolved:
             set_compute_precision(model, self.precision.dtype)
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
@@ -289,7 +308,8 @@ class CausalLMModel:
         return {"family": self.family, "base_model": self.config.model.name_or_path,
                 "base_digest": self.base_digest, "precision": self.precision.resolved, "quantization": "4-bit " + self.config.quantization.quant_type
                 if self.config.quantization.load_in_4bit else "none",
-                "adapter": self.adapter.as_json() if self.adapter else None}
+                "adapter": self.adapter.as_json() if self.adapter else None,
+                "gate": self.gate.describe() if self.gate is not None else None}
 
     # --- answers
 
@@ -325,8 +345,10 @@ class CausalLMModel:
             result = generate(self.model, self.tokenizer, prompts,
                               max_new_tokens=max_new_tokens or self.config.evaluation.max_new_tokens,
                               batch_size=self.config.evaluation.batch_size, progress=progress,
-                              grammar=self.contract_grammar if constrained else None)
-        return [AnswerResult.from_output(raw) for raw in result.outputs]
+                              grammar=self.contract_grammar if constrained else None, gate=self.gate)
+        verdicts = [gate_verdict(refuse, p) for refuse, p in zip(result.refuse, result.refuse_probabilities)] \
+            if self.gate is not None else [None] * len(prompts)
+        return [AnswerResult.from_output(raw, verdict) for raw, verdict in zip(result.outputs, verdicts)]
 
     @functools.cached_property
     def contract_grammar(self) -> SchemaGrammar:
@@ -336,6 +358,8 @@ class CausalLMModel:
     # --- chat
 
     def stream_chat(self, messages: Sequence[dict], max_new_tokens: int | None = None,
-                    temperature: float = 0.0, top_p: float = 1.0) -> ChatStream:
-        """Stream a reply to chat messages (greedy unless temperature > 0); iterate to generate."""
-        return ChatStream(self, messages, max_new_tokens or self.config.evaluation.max_new_tokens, temperature, top_p)
+                    temperature: float = 0.0, top_p: float = 1.0, gated: bool = True) -> ChatStream:
+        """Stream a reply to chat messages (greedy unless temperature > 0); iterate to generate.
+        With the artifact's gate (and `gated`), the gate decides answer or refuse."""
+        return ChatStream(self, messages, max_new_tokens or self.config.evaluation.max_new_tokens, temperature,
+                          top_p, gated)

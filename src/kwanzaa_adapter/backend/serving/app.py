@@ -34,7 +34,7 @@ from kwanzaa_adapter.generation.grammar import SchemaGrammar
 def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, options: ServeOptions) -> FastAPI:
     engine = BatchEngine(model.model, model.tokenizer, max_batch_size=options.max_batch_size,
                          max_queue=options.max_queue, queue_timeout_s=options.queue_timeout_s,
-                         gather_s=options.gather_ms / 1000, lock=model.lock)
+                         gather_s=options.gather_ms / 1000, lock=model.lock, gate=model.gate)
     metrics = ServeMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
     engine.on_batch = metrics.batch_done
     grammars = GrammarCache(model)
@@ -60,10 +60,11 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
         check_answer_request(body, limits)
         tokens = generation_limit(body.max_new_tokens, model, limits, "max_new_tokens")
         ids = model.encode(model.prompt_for(body.question, body.documents), tokens)
-        pending = Pending(engine, ids, tokens, constraint=grammars.contract() if body.constrained else None)
+        pending = Pending(engine, ids, tokens, constraint=grammars.contract() if body.constrained else None,
+                          gated=model.gate is not None)
         text = await pending.text(request)
         metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
-        return {"model": model.name, **AnswerResult.from_output(text).to_json()}
+        return {"model": model.name, **AnswerResult.from_output(text, pending.ticket.gate).to_json()}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -71,18 +72,25 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
         tokens = generation_limit(body.max_completion_tokens or body.max_tokens, model, limits, "max_tokens")
         messages = chat_messages(body, model.config.data.system_prompt, options.default_system_prompt)
         ids = model.encode(messages, tokens)
-        pending = Pending(engine, ids, tokens, body.temperature, body.top_p, grammars.for_format(body.response_format))
+        # A client's own response_format is its own contract: the gate, which forces the kwanzaa answer's
+        # decision, stays out of it, and the reply says so.
+        own_format = body.response_format is not None and body.response_format.type != "text"
+        pending = Pending(engine, ids, tokens, body.temperature, body.top_p, grammars.for_format(body.response_format),
+                          gated=model.gate is not None and not own_format)
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
+        if model.gate is not None and own_format:
+            completion["gate"] = {"applied": False, "reason": "the request brings its own response_format"}
         if body.stream:
             first = await pending.first_event()  # a queue timeout is still a 503, not a broken stream
             return StreamingResponse(sse_events(pending, first, completion, metrics), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text = await pending.text(request)
         metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
+        gate = {"gate": {"applied": True, **pending.ticket.gate}} if pending.ticket.gate is not None else {}
         return {**completion, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": pending.ticket.finish_reason}],
-                "usage": pending.usage()}
+                "usage": pending.usage(), **gate}
 
     return app
 
@@ -140,9 +148,9 @@ class Pending:
     """One request in the batch engine, seen from the event loop."""
 
     def __init__(self, engine: BatchEngine, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, constraint=None):
+                 top_p: float = 1.0, constraint=None, gated: bool = False):
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.ticket = Ticket(ids, max_new_tokens, self._emit, temperature, top_p, constraint)
+        self.ticket = Ticket(ids, max_new_tokens, self._emit, temperature, top_p, constraint, gated=gated)
         engine.submit(self.ticket)  # QueueFull / ShuttingDown: the error handlers answer 429 / 503
 
     def _emit(self, event: Event) -> None:

@@ -30,6 +30,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.streamers import BaseStreamer
 
 from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding
+from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Ticket:
     temperature: float = 0.0
     top_p: float = 1.0
     constraint: object | None = None  # .restrict(row scores), .advance(token), .done (generation/grammar.py)
+    gated: bool = False  # the engine's answerability gate decides answer or refuse for this ticket
+    gate: dict | None = None  # after generation, when gated: {"decision", "refuse_probability"}
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     first_token_at: float | None = None
@@ -164,13 +167,21 @@ class _Constraints(LogitsProcessor):
         return self.rows.mask(scores)
 
 
+def _recorder(batch: list[Ticket]):
+    """Writes each gated ticket's decision as it is made, before its first token is streamed."""
+    def record(row: int, refuse: bool | None, probability: float | None) -> None:
+        if refuse is not None:
+            batch[row].gate = {"decision": decision_label(refuse), "refuse_probability": probability}
+    return record
+
+
 class BatchEngine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
                  queue_timeout_s: float = 60.0, gather_s: float = 0.005, on_batch: Callable | None = None,
-                 lock: threading.Lock | None = None):
+                 lock: threading.Lock | None = None, gate: AnswerabilityGate | None = None):
         if max_batch_size < 1 or max_queue < 0 or queue_timeout_s <= 0 or gather_s < 0:
             raise ValueError("max_batch_size >= 1, max_queue >= 0, queue_timeout_s > 0 and gather_s >= 0")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.gate = model, tokenizer, gate
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.queue_timeout_s, self.gather_s = queue_timeout_s, gather_s
         self.on_batch = on_batch  # called with (tickets, seconds) after each batch: metrics
@@ -296,7 +307,11 @@ class BatchEngine:
             else {"do_sample": False}
         rows = _Rows(self, batch)
         processors = LogitsProcessorList([_Constraints(rows)] if any(t.constraint for t in batch) else [])
-        with torch.inference_mode():
+        gate = self.gate if any(t.gated for t in batch) else None
+        with torch.inference_mode(), gate_tap(self.model, gate) as tap:
+            if gate is not None:  # after the grammar: of the tokens it allows, the decision keeps its own
+                processors.append(GateLogits(self.tokenizer, inputs["input_ids"].shape[1], gate=gate, tap=tap,
+                                             active=[t.gated for t in batch], on_decision=_recorder(batch)))
             self.model.generate(**inputs, max_new_tokens=max(t.max_new_tokens for t in batch),
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
                                 streamer=rows, stopping_criteria=StoppingCriteriaList([_Stopping(rows)]),
