@@ -127,8 +127,11 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
         probe, _ = cached_probe(probe_shape(arch.hidden_size, arch.intermediate_size), (precision.resolved,),
                                 sources.cache_root() / "precision", device=device)
         peak = probe.peak(precision.resolved) * 1e9
+    from kwanzaa_adapter.training.gate_fitting import candidate_layers
+
+    depth = max(candidate_layers(config.gate.layers, arch.num_hidden_layers)) if gate_prompts else None
     return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing,
-                         gate_prompts=gate_prompts)
+                         gate_prompts=gate_prompts, gate_depth=depth)
 
 
 def preference_plan(config: KwanzaaConfig) -> str:

@@ -278,12 +278,12 @@ def generation_flops(arch: ArchitectureConfig, rows: tuple[tuple[int, int], ...]
 
 def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitCounts, evaluation: SplitCounts,
                   peak_flops: float, precision: str, checkpointing: bool, world_size: int = 1,
-                  gate_prompts: tuple[int, ...] = ()) -> TimeEstimate:
+                  gate_prompts: tuple[int, ...] = (), gate_depth: int | None = None) -> TimeEstimate:
     """Wall time of `train_adapter` by phase: FLOPs over the measured peak at UTILISATION.
 
     Training covers the configured epochs (or max_steps); each eval-loss pass covers the eval
     split; the gate's fitting is one forward pass over each decision prompt (`gate_prompts`, their
-    token counts); the behavioral evaluation generates for the eval split twice (base, then adapter),
+    token counts) up to its deepest candidate block (`gate_depth`); the behavioral evaluation generates for the eval split twice (base, then adapter),
     three times with a gate (and adapter + gate). The
     base model is assumed to stop as soon as its output cannot be the contract (an untrained base
     does at its first token); a base that already answers in JSON adds up to one more decode.
@@ -307,8 +307,10 @@ def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
     est.details["eval-loss passes"] = f"{evals} x {evaluation.tokens:,} tokens"
 
     if gate_prompts:
-        gate_flops = sum(forward_flops(arch, tokens, 0) for tokens in gate_prompts)
-        est.phases["gate fitting"] = gate_flops / (peak_flops * share["forward"])
+        # A batched prefill without logits, stopped after the deepest candidate block.
+        depth = gate_depth / arch.num_hidden_layers if gate_depth else 1.0
+        gate_flops = depth * sum(forward_flops(arch, tokens, 0) for tokens in gate_prompts)
+        est.phases["gate fitting"] = gate_flops / (peak_flops * share["prefill"])
         est.details["gate fitting"] = f"{len(gate_prompts)} decision prompts, {sum(gate_prompts):,} tokens"
 
     if e.behavioral:
