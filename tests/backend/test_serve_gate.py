@@ -72,3 +72,14 @@ def test_generate_prints_the_gate_decision_and_gate_apply_false_turns_it_off(gat
     assert line["gate"]["decision"] == "refuse"
     assert cli([*command, "--set", "gate.apply=false"]) == 0
     assert "gate" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_chat_streams_under_the_gate_and_reports_its_decision(gated_artifact):
+    config, artifact = gated_artifact
+    model = model_from_config(load_training_config(config), adapter=artifact)
+    stream = model.stream_chat(model.prompt_for("When is Kwanzaa?", []), max_new_tokens=4)
+    "".join(stream)
+    assert stream.gate_result["decision"] == "refuse"
+    ungated = model.stream_chat(model.prompt_for("When is Kwanzaa?", []), max_new_tokens=4, gated=False)
+    "".join(ungated)
+    assert ungated.gate_result is None

@@ -83,3 +83,32 @@ def test_refusal_probability_equals_the_product_of_full_forward_token_probabilit
     assert 0.0 < got < 1.0
     assert got == pytest.approx(expected, rel=1e-4)
 
+
+
+def test_one_scan_gives_each_block_at_both_positions_and_the_refusal_probability(bench, items, tiny_llama,
+                                                                                 tokenizer):
+    scan = load_script(ROOT / "bench" / "decision_scan.py", "bench_decision_scan")
+    opening = bench.DEFAULT_REFUSAL_OPENING
+    result = scan.scan(tiny_llama, tokenizer, items, [1, 2], opening, batch_size=3)
+    full, head = scan.suffix_ids(tokenizer, opening)
+    for index, item in enumerate(items):  # one at a time, unpadded, against the batched scan
+        prompt = list(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+        with torch.no_grad():
+            hidden = tiny_llama(input_ids=torch.tensor([prompt + full]), output_hidden_states=True).hidden_states
+        end, prefix = len(prompt) - 1, len(prompt) + head - 1
+        assert result.features[(1, "end")][index] == pytest.approx(hidden[1][0, end].numpy(), abs=1e-4)
+        assert result.features[(1, "prefix")][index] == pytest.approx(hidden[1][0, prefix].numpy(), abs=1e-4)
+        expected = bench.refusal_probability(tiny_llama, tokenizer, item, opening)
+        assert result.refusal_probability[index] == pytest.approx(expected, rel=1e-3)
+
+
+def test_wrong_decisions_are_counted_by_kind_and_rates_follow_each_items_decision(bench, items):
+    expected = [False, True, True]
+    wrong = bench.wrong_by_kind([True, False, True], expected, ["answerable", "off_topic", "nearby_detail"])
+    assert wrong == {"answered, off_topic": 1, "refused, answer due": 1}
+    refusal = ('{"version":"kwanzaa.answer.v1","answer":{"text":"The documents do not say.","confidence":0.1,'
+               '"completeness":"insufficient_data"},"sources":[],"unknowns":{"missing_context":["x"]}}')
+    chosen = items[:2]
+    outputs = {True: [refusal, refusal], False: ["not json", "not json"]}
+    rates = bench.picked_rates(chosen, outputs, [True, False])
+    assert rates["json_validity_rate"] == 0.5  # the refusal picked for the first, the broken answer for the second

@@ -104,10 +104,12 @@ def test_text_that_leaves_the_decision_is_vetoed_and_text_on_it_is_not():
     assert not agrees(opening + "Kwanzaa", refuse=True)
     assert agrees(opening + "Kwanzaa", refuse=False) and agrees(opening + "The first", refuse=False)
     assert not agrees(opening + "The documents do not", refuse=False)
+    assert not agrees(opening + "The document does not say", refuse=False)
     refused = opening + 'The documents do not say.","confidence":0.1,"completeness":"'
     assert agrees(refused + "insuff", refuse=True) and not agrees(refused + "complete", refuse=True)
     answered = opening + 'Karenga [1].","confidence":0.9,"completeness":"'
     assert agrees(answered + "partial", refuse=False) and not agrees(answered + "insufficient_data", refuse=False)
+    assert not agrees(answered + "na", refuse=False)  # not a value of the contract: no way out of the answer
     assert agrees('{"version":"kwan', refuse=True)  # nothing decided yet
 
 

@@ -33,8 +33,11 @@ REFUSAL_OPENING = "The documents do not"
 TEXT_KEY = '"text":"'
 COMPLETENESS_KEY = '"completeness":"'
 REFUSED_COMPLETENESS = 'insufficient_data"'
-# An answer may not open like a refusal: from these words on, the model has begun one.
-ANSWER_MAY_NOT_OPEN = "The documents"
+ANSWERED_COMPLETENESS = ('complete"', 'partial"')
+# An answer may not open like a refusal: from these words on, the model has begun one (no gold answer
+# of the shipped data opens so; a model told to answer what it would refuse writes "The document does
+# not say" once "The documents" is barred).
+ANSWER_MAY_NOT_OPEN = ("The document", "The text", "The source", "The note")
 CANDIDATES_CHECKED = 16  # next-best tokens tried before the decision's own text is forced
 
 
@@ -183,30 +186,36 @@ def _value_after(text: str, key: str) -> str | None:
     return None if at < 0 else text[at + len(key):]
 
 
+def _on_path(value: str, targets: Sequence[str]) -> bool:
+    """Whether `value` is on its way to one of `targets` or past it."""
+    return any(target.startswith(value) or value.startswith(target) for target in targets)
+
+
 def agrees(text: str, refuse: bool) -> bool:
     """Whether an output so far can still become the decided kind of answer."""
     content = _value_after(text, TEXT_KEY)
     if content is not None:
-        if refuse and not (REFUSAL_OPENING.startswith(content) or content.startswith(REFUSAL_OPENING)):
+        if refuse and not _on_path(content, [REFUSAL_OPENING]):
             return False
         if not refuse and content.startswith(ANSWER_MAY_NOT_OPEN):
             return False
     value = _value_after(text, COMPLETENESS_KEY)
     if value is not None:
-        if refuse and not (REFUSED_COMPLETENESS.startswith(value) or value.startswith(REFUSED_COMPLETENESS)):
-            return False
-        if not refuse and value.startswith(REFUSED_COMPLETENESS[0]):
-            return False
+        return _on_path(value, [REFUSED_COMPLETENESS] if refuse else ANSWERED_COMPLETENESS)
     return True
 
 
 def _missing(text: str, refuse: bool) -> str | None:
     """The decided words the output has not written yet, where it stands inside a forced value."""
-    for key, target in ((COMPLETENESS_KEY, REFUSED_COMPLETENESS if refuse else "complete"),
-                        (TEXT_KEY, REFUSAL_OPENING if refuse else None)):
-        value = _value_after(text, key)
-        if value is not None:
-            return target[len(value):] if target and target.startswith(value) else None
+    value = _value_after(text, COMPLETENESS_KEY)
+    if value is not None:
+        targets = [REFUSED_COMPLETENESS] if refuse else ANSWERED_COMPLETENESS
+    else:
+        value = _value_after(text, TEXT_KEY)
+        targets = [REFUSAL_OPENING] if refuse and value is not None else []
+    for target in targets:
+        if target.startswith(value) and len(target) > len(value):
+            return target[len(value):]
     return None
 
 
