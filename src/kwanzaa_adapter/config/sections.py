@@ -173,6 +173,19 @@ class EvaluationConfig(_Section):
                                    "evaluation, `generate`, `/v1/answer`.")
 
 
+class InferenceConfig(_Section):
+    """Which engine generates answers: evaluation, `generate`, `chat`, `serve`."""
+
+    engine: Literal["auto", "reference", "llama.cpp"] = Field(
+        default="auto", description="llama.cpp: a GGUF derived from the verified model (de-quantized base + LoRA "
+                                    "delta); reference: the 4-bit base + adapter through Transformers; auto: "
+                                    "llama.cpp where it is built and converts the model, else the reference.")
+    quant: Literal["q8_0", "bf16", "f16"] = Field(default="q8_0", description="The derived GGUF's weight type.")
+    threads: int | None = Field(default=None, gt=0, le=1024, description="llama.cpp threads (default: the cores, at most 8).")
+    cache_dir: str | None = Field(default=None, description="Where derived models are kept (default "
+                                                            "$KWANZAA_ADAPTER_CACHE or ~/.cache/kwanzaa-adapter).")
+
+
 class GateConfig(_Section):
     """The answerability gate: fitted in step 5 on `decision_file`, applied wherever the adapter answers."""
 
@@ -282,6 +295,7 @@ class KwanzaaConfig(_Section):
     evaluation: EvaluationConfig
     checkpointing: CheckpointConfig
     gate: GateConfig = Field(default_factory=GateConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
     artifacts: ArtifactConfig = Field(default_factory=ArtifactConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
 

@@ -1,0 +1,330 @@
+"""The fast engine: llama.cpp, through the C API of `llama-cpp-python`, decoding a GGUF of the model.
+
+The high-level `llama_cpp.Llama` decodes one sequence at a time and marks its logits-processor path
+as possibly broken, so this module drives the C API itself: each prompt is pre-filled into its own
+sequence of one shared KV cache, then every unfinished sequence advances one token per
+`llama_decode`, a batch of one token per sequence. After each step the logits of every row go
+through what shapes the answers on the reference path, unchanged: the contract's grammar
+(llguidance, `ContractConstraint.restrict`) and the answerability gate (`GateLogits.hold`), then the
+greedy choice. Prompts are token ids from the Hugging Face tokenizer, and outputs are decoded by it,
+so both engines read and write the same tokens.
+
+The gate's features come from this engine: an evaluation callback (`cb_eval`) copies the output of
+the gate's decoder block (llama.cpp's tensor `l_out-<layer - 1>`) at the prompt's last token while
+the prompt is pre-filled. The callback sees every tensor of every graph, so a context that does not
+need it is made without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits
+from kwanzaa_adapter.generation.grammar import SchemaGrammar
+
+ENGINE_NAME = "llama.cpp"
+LLAMACPP_MISSING = ("the llama.cpp engine is not installed in this environment: `make setup` builds it "
+                    "(scripts/build_llamacpp.sh)")
+
+
+class EngineUnavailable(RuntimeError):
+    """The fast engine cannot run here (not built, or the model cannot be converted); the reference runs."""
+
+
+@functools.lru_cache(maxsize=1)
+def bindings():
+    """The `llama_cpp` C-API module, the backend initialised once, llama.cpp's logging silenced."""
+    try:
+        import llama_cpp
+    except (ImportError, OSError, RuntimeError) as exc:  # OSError: bindings present, library missing
+        raise EngineUnavailable(f"{LLAMACPP_MISSING} ({type(exc).__name__}: {exc})") from None
+    llama_cpp.llama_backend_init()
+    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
+    llama_cpp.llama_log_set(quiet, None)
+    bindings.keep = quiet  # the C side holds a pointer to it: it must outlive every call
+    return llama_cpp
+
+
+@functools.lru_cache(maxsize=1)
+def _ggml():
+    """libggml-base beside the bindings' library: tensor names and data for the evaluation callback."""
+    llama_cpp = bindings()
+    directory = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
+    lib = ctypes.CDLL(str(directory / "libggml-base.so"))
+    lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
+    lib.ggml_nbytes.argtypes, lib.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
+    lib.ggml_nelements.argtypes, lib.ggml_nelements.restype = [ctypes.c_void_p], ctypes.c_int64
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    return lib
+
+
+def engine_version() -> str:
+    return f"llama-cpp-python {bindings().__version__}"
+
+
+class _BlockTap:
+    """The evaluation callback: while armed, copies block `layer`'s output at the last token of the batch."""
+
+    def __init__(self, layer: int, width: int):
+        self.name, self.width = f"l_out-{layer - 1}".encode(), width
+        self.armed, self.value = False, None
+        self.callback = bindings().ggml_backend_sched_eval_callback(self._observe)
+
+    def _observe(self, tensor, ask, _data) -> bool:
+        if not self.armed:
+            return False if ask else True
+        lib = _ggml()
+        if ask:
+            return lib.ggml_get_name(tensor) == self.name
+        size = lib.ggml_nbytes(tensor)
+        if size != lib.ggml_nelements(tensor) * 4 or size % (self.width * 4):
+            raise RuntimeError(f"{self.name.decode()} is not float32 rows of {self.width}")
+        row = np.empty(self.width, dtype=np.float32)
+        lib.ggml_backend_tensor_get(tensor, row.ctypes.data, size - self.width * 4, self.width * 4)
+        self.value = row  # a prompt longer than one micro-batch: the last call holds the last token
+        return True
+
+
+@dataclass
+class Row:
+    """One sequence to decode: its prompt, limit and what shapes it; its tokens and decision as it goes.
+
+    A consumer of `LlamaCppEngine.decode` may set `done` between tokens to end a row (a client gone).
+    """
+
+    prompt: list[int]
+    max_new_tokens: int
+    constraint: object | None = None  # .restrict(scores), .advance(token): the grammar (generation/grammar.py)
+    gated: bool = False  # the gate decides answer or refuse for this row (with a gate)
+    refuse: bool | None = None  # the decision: the gate's, or given beforehand (forced)
+    probability: float | None = None  # the gate's P(refuse)
+    sample: Callable[[torch.Tensor], int] | None = None  # None: greedy
+    json_only: bool = True  # end as soon as the output cannot be a JSON object (`NotAJsonObject`)
+    tokens: list[int] = field(default_factory=list)
+    stopped: bool = False  # ended by an end-of-turn token
+    done: bool = False
+
+
+class LlamaCppEngine:
+    """A GGUF loaded in llama.cpp; `generate` mirrors `generation.decoding.generate` on token ids."""
+
+    name = ENGINE_NAME
+
+    def __init__(self, gguf: str | Path, *, threads: int | None = None, gate_layer: int | None = None):
+        self.api = api = bindings()
+        self.path = Path(gguf)
+        params = api.llama_model_default_params()
+        self.model = api.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.model:
+            raise EngineUnavailable(f"llama.cpp cannot load {self.path}")
+        self.vocab = api.llama_model_get_vocab(self.model)
+        self.vocab_size = api.llama_vocab_n_tokens(self.vocab)
+        self.width = api.llama_model_n_embd(self.model)
+        self.layers = api.llama_model_n_layer(self.model)
+        self.window = api.llama_model_n_ctx_train(self.model)
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        self.tap = _BlockTap(gate_layer, self.width) if gate_layer else None
+        self._context, self._shape = None, None
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._context:
+            self.api.llama_free(self._context)
+            self._context = None
+        if self.model:
+            self.api.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may already be gone
+            pass
+
+    # --- the KV cache and batches
+
+    def _context_for(self, sequences: int, tokens: int, longest: int, tapped: bool):
+        """A context holding `sequences` sequences of `tokens` in all; reused while it is big enough."""
+        shape = (sequences, tokens, longest, tapped)
+        if self._context is not None and self._shape[3] == tapped and all(
+                have >= need for have, need in zip(self._shape[:3], shape[:3])):
+            self.api.llama_memory_clear(self.api.llama_get_memory(self._context), True)
+            return self._context
+        if self._context is not None:
+            self.api.llama_free(self._context)
+            self._context = None
+        params = self.api.llama_context_default_params()
+        params.n_ctx = tokens
+        params.n_batch = params.n_ubatch = max(longest, sequences)
+        params.n_seq_max = sequences
+        params.kv_unified = True
+        params.no_perf = True
+        params.n_threads = params.n_threads_batch = self.threads
+        if tapped:
+            params.cb_eval = self.tap.callback
+        context = self.api.llama_init_from_model(self.model, params)
+        if not context:
+            raise EngineUnavailable(f"llama.cpp cannot make a context of {tokens} tokens for {sequences} sequences")
+        self._context, self._shape = context, shape
+        self._batch = self.api.llama_batch_init(max(longest, sequences), 0, sequences)
+        return context
+
+    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, sequence, wants_logits) entries."""
+        batch = self._batch
+        for i, (token, position, sequence, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
+            batch.seq_id[i][0], batch.logits[i] = sequence, logits
+        batch.n_tokens = len(entries)
+        status = self.api.llama_decode(self._context, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status}): the KV cache is too small for the batch")
+
+    def _logits(self, index: int) -> torch.Tensor:
+        pointer = self.api.llama_get_logits_ith(self._context, index)
+        return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy())
+
+    def prompt_logits(self, prompt: Sequence[int]) -> torch.Tensor:
+        """Next-token logits at every position of one prompt (tokens x vocab): for logits checks."""
+        with self.lock:
+            self._context_for(1, len(prompt), len(prompt), False)
+            self._decode([(token, position, 0, True) for position, token in enumerate(prompt)])
+            return torch.stack([self._logits(i) for i in range(len(prompt))])
+
+    # --- decoding
+
+    def generate(self, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int,
+                 stop_ids: Sequence[int], progress: bool = True, grammar: SchemaGrammar | None = None,
+                 gate: AnswerabilityGate | None = None, forced: Sequence[bool] | None = None):
+        """Greedy decoding of token-id prompts in batches; a `GenerationResult` in prompt order."""
+        from kwanzaa_adapter.generation.decoding import GenerationResult, _until_stop
+
+        if forced is not None and len(forced) != len(prompts):
+            raise ValueError(f"{len(forced)} forced decisions for {len(prompts)} prompts")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        rows: list[Row | None] = [None] * len(prompts)
+        started = time.perf_counter()
+        bar = tqdm(total=len(prompts), desc=f"generating ({self.name})", unit="prompt", disable=not progress)
+        for first in range(0, len(order), batch_size):
+            indices = order[first: first + batch_size]
+            batch = [Row(list(prompts[i]), max_new_tokens, grammar.constraint() if grammar else None,
+                         gated=gate is not None and forced is None, refuse=forced[i] if forced is not None else None)
+                     for i in indices]
+            for _ in self.decode(tokenizer, batch, stop_ids, gate if forced is None else None,
+                                 hold=gate is not None or forced is not None):
+                pass
+            for index, row in zip(indices, batch):
+                rows[index] = row
+            bar.update(len(indices))
+        bar.close()
+        counted, outputs, ids = 0, [], []
+        for row in rows:
+            tokens, stopped = _until_stop(row.tokens, list(stop_ids))
+            counted += len(tokens) + stopped
+            ids.append(tokens)
+            outputs.append(tokenizer.decode(tokens, skip_special_tokens=True))
+        held = gate is not None or forced is not None
+        return GenerationResult(outputs, counted, time.perf_counter() - started, ids,
+                                [row.refuse for row in rows] if held else [],
+                                [row.probability for row in rows] if held else [])
+
+    def decode(self, tokenizer, rows: list[Row], stop_ids: Sequence[int], gate: AnswerabilityGate | None = None,
+               hold: bool | None = None) -> Iterator[tuple[int, int]]:
+        """Decode `rows` together, yielding (row index, token) as each token is chosen; holds the engine.
+
+        Each row is pre-filled into its own sequence (the gate reads its features there, for the rows
+        it decides), then all unfinished rows advance one token per `llama_decode`. A row ends at an
+        end-of-turn token (yielded too), at its limit, or when its consumer sets `done`. `hold`
+        (default: with a gate) holds each decided row to its decision (`GateLogits.hold`).
+        """
+        with self.lock:
+            yield from self._decode_rows(tokenizer, rows, stop_ids, gate, gate is not None if hold is None else hold)
+
+    def _decode_rows(self, tokenizer, rows, stop_ids, gate, hold) -> Iterator[tuple[int, int]]:
+        tapped = gate is not None and any(row.gated for row in rows)
+        if tapped and (self.tap is None or self.tap.name != f"l_out-{gate.layer - 1}".encode()):
+            raise ValueError(f"this engine was loaded without a tap on block {gate.layer}: pass gate_layer")
+        longest = max(len(row.prompt) + row.max_new_tokens for row in rows)
+        if longest > self.window:
+            raise ValueError(f"a prompt and its new tokens ({longest}) exceed the model's context window of "
+                             f"{self.window} tokens")
+        self._context_for(len(rows), sum(len(row.prompt) + row.max_new_tokens for row in rows),
+                          max(len(row.prompt) for row in rows), tapped)
+        holding = GateLogits(tokenizer, 0, forced=[False]) if hold else None
+        scores: list[torch.Tensor | None] = []
+        for sequence, row in enumerate(rows):
+            if tapped:
+                self.tap.armed, self.tap.value = row.gated, None
+            try:
+                self._decode([(token, position, sequence, position == len(row.prompt) - 1)
+                              for position, token in enumerate(row.prompt)])
+            finally:
+                if self.tap is not None:
+                    self.tap.armed = False
+            if tapped and row.gated:
+                probability = gate.refuse_probability(torch.from_numpy(self.tap.value)[None])
+                row.refuse, row.probability = gate.refuses(probability)[0], round(float(probability[0]), 4)
+            scores.append(self._logits(-1))
+        while True:
+            entries = []
+            for sequence, (row, row_scores) in enumerate(zip(rows, scores)):
+                if row.done:
+                    continue
+                if row.constraint is not None:
+                    row_scores = row.constraint.restrict(row_scores)
+                if holding is not None and row.refuse is not None:
+                    row_scores = holding.hold(row.tokens, row_scores, row.refuse)
+                token = row.sample(row_scores) if row.sample is not None else int(row_scores.argmax())
+                row.tokens.append(token)
+                stop = token in stop_ids
+                if row.constraint is not None and not stop:
+                    row.constraint.advance(token)
+                yield sequence, token
+                if row.done:  # its consumer ended it
+                    continue
+                if stop:
+                    row.done = row.stopped = True
+                    continue
+                if len(row.tokens) >= row.max_new_tokens or (row.json_only and _not_json(tokenizer, row.tokens)):
+                    row.done = True
+                    continue
+                entries.append((token, len(row.prompt) + len(row.tokens) - 1, sequence, True))
+            if not entries:
+                return
+            self._decode(entries)
+            live = iter(range(len(entries)))
+            scores = [None if row.done else self._logits(next(live)) for row in rows]
+
+
+def sampler(temperature: float, top_p: float, generator: torch.Generator | None = None):
+    """Temperature and nucleus (top-p) sampling of one row of scores; None (greedy) at temperature 0."""
+    if temperature <= 0:
+        return None
+
+    def sample(scores: torch.Tensor) -> int:
+        probabilities = torch.softmax(scores.float() / temperature, dim=-1)
+        ordered, indices = torch.sort(probabilities, descending=True)
+        keep = torch.cumsum(ordered, dim=-1) - ordered < top_p  # the smallest set reaching top_p
+        kept = ordered * keep
+        return int(indices[torch.multinomial(kept / kept.sum(), 1, generator=generator)])
+    return sample
+
+
+def _not_json(tokenizer, tokens: list[int]) -> bool:
+    """`NotAJsonObject`'s test: the visible output has begun and does not begin with '{'."""
+    if len(tokens) > 4:
+        return False
+    text = tokenizer.decode(tokens[:4], skip_special_tokens=True).lstrip()
+    return bool(text) and not text.startswith("{")

@@ -1,0 +1,220 @@
+"""The fast engine's model, derived from the model as trained: de-quantized 4-bit base + LoRA delta -> GGUF.
+
+`merged_state` reads a loaded (Peft)model without touching it: each 4-bit weight de-quantized as
+training's forward pass de-quantizes it (bitsandbytes, to float32), plus, with the adapter, PEFT's
+own `get_delta_weight` of every active LoRA; every other parameter in float32. `write_merged`
+saves that as a plain Transformers model directory, and `convert_to_gguf` runs llama.cpp's own
+`convert_hf_to_gguf.py`, from the same source tree as the engine, on it.
+
+`derived_gguf` caches the result under a key made of what it derives from: the base model's digest
+(checked by the caller: training's baseline, or the backend's digest check against the verified
+artifact), a digest of the LoRA tensors as loaded, the quantization and the converter's version.
+Each cached file sits beside `derived.json`, which records those sources and the file's sha256;
+both are checked before every use, and a cache entry that does not match is rebuilt, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QUANTS = ("q8_0", "bf16", "f16")
+DERIVED_RECORD = "derived.json"
+DERIVED_FORMAT = "kwanzaa-adapter.derived.v1"
+GGUF_FILE = "model.gguf"
+CONVERTER_MISSING = ("llama.cpp's converter (convert_hf_to_gguf.py) is not in this environment: `make setup` "
+                     "builds llama.cpp (scripts/build_llamacpp.sh)")
+
+
+class DerivationError(RuntimeError):
+    """The model cannot be converted for the fast engine (architecture, converter): the reference runs."""
+
+
+# --------------------------------------------------------------------------- merged weights
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _dequantized(layer) -> torch.Tensor:
+    weight = layer.weight
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+    return weight.detach().to("cpu", torch.float32, copy=True)  # a copy: the delta is added to it in place
+
+
+@torch.no_grad()
+def merged_state(model, with_adapter: bool = True) -> dict[str, torch.Tensor]:
+    """float32 weights of the base architecture, named as the base model names them (see module doc)."""
+    from peft.tuners.lora import LoraLayer
+
+    inner, state, inside_lora = _inner(model), {}, set()
+    for name, module in inner.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside_lora):
+            continue
+        if isinstance(module, LoraLayer):
+            inside_lora.add(name)
+            base = module.get_base_layer()
+            weight = _dequantized(base)
+            if with_adapter and not getattr(module, "disable_adapters", False):
+                for adapter in module.active_adapters:
+                    if adapter in module.lora_A:
+                        weight += module.get_delta_weight(adapter).float().cpu()
+            state[f"{name}.weight"] = weight
+            if getattr(base, "bias", None) is not None:
+                state[f"{name}.bias"] = base.bias.detach().float().cpu()
+            continue
+        for key, parameter in module.named_parameters(recurse=False):
+            state[f"{name}.{key}" if name else key] = (
+                _dequantized(module) if key == "weight" else parameter.detach().to("cpu", torch.float32, copy=True))
+    return state
+
+
+def lora_digest(model) -> str | None:
+    """sha256 of the LoRA tensors as loaded (names and float32 bytes); None without any."""
+    digest, found = hashlib.sha256(), False
+    for name, parameter in sorted(_inner(model).named_parameters(), key=lambda item: item[0]):
+        if "lora_" in name:
+            found = True
+            digest.update(name.encode())
+            digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest() if found else None
+
+
+def write_merged(model, tokenizer, directory: Path, with_adapter: bool = True) -> Path:
+    """The merged float32 weights as a plain Transformers model directory, with the tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    config = _inner(model).config.__class__.from_dict(_inner(model).config.to_dict())
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    config.use_cache, config.dtype = True, torch.float32
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = merged_state(model, with_adapter)
+    missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise DerivationError(f"the merged weights do not fit {type(plain).__name__}: missing "
+                              f"{sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        plain.tie_weights()
+    plain.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def llamacpp_source() -> Path:
+    """The llama.cpp tree the engine was built from (KWANZAA_LLAMACPP_SRC, or the environment's build)."""
+    given = os.environ.get("KWANZAA_LLAMACPP_SRC")
+    candidates = [Path(given)] if given else sorted(Path(sys.prefix, "llama.cpp").glob("llama_cpp_python-*/vendor/llama.cpp"))
+    for candidate in candidates:
+        if (candidate / "convert_hf_to_gguf.py").is_file():
+            return candidate
+    raise DerivationError(CONVERTER_MISSING)
+
+
+def converter_version() -> str:
+    try:
+        return f"llama-cpp-python {metadata.version('llama_cpp_python')}"
+    except metadata.PackageNotFoundError:
+        raise DerivationError(CONVERTER_MISSING) from None
+
+
+def convert_to_gguf(model_dir: Path, out: Path, quant: str) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py on a Transformers model directory; DerivationError with its
+    last lines when it fails (an architecture it does not know, a tokenizer it cannot read)."""
+    if quant not in QUANTS:
+        raise ValueError(f"quant must be one of {QUANTS}, got {quant!r}")
+    source = llamacpp_source()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(source / "gguf-py"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(source / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
+                           "--outtype", quant], env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not out.is_file():
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise DerivationError(f"convert_hf_to_gguf.py failed on {model_dir}:\n{tail}")
+    return out
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("KWANZAA_ADAPTER_CACHE") or Path.home() / ".cache" / "kwanzaa-adapter") / "derived"
+
+
+def derived_gguf(model, tokenizer, *, base_digest: str, with_adapter: bool, quant: str,
+                 cache_dir: str | Path | None = None) -> tuple[Path, dict]:
+    """(GGUF path, its record): from the cache when its record and sha256 match, else built anew."""
+    sources = {"format": DERIVED_FORMAT, "base_digest": base_digest,
+               "adapter_digest": lora_digest(model) if with_adapter else None,
+               "quant": quant, "converter": converter_version()}
+    key = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:24]
+    entry = Path(cache_dir or default_cache_dir()) / key
+    problem = check_derived(entry, sources)
+    if problem is None:
+        log.info("fast engine: cached %s (%s)", entry / GGUF_FILE, quant)
+        return entry / GGUF_FILE, json.loads((entry / DERIVED_RECORD).read_text())
+    if entry.exists():
+        log.warning("fast engine: rebuilding %s: %s", entry, problem)
+    return build_derived(model, tokenizer, entry, sources, with_adapter)
+
+
+def check_derived(entry: Path, sources: dict) -> str | None:
+    """Why a cache entry may not be used (None: it may)."""
+    record_path, gguf = entry / DERIVED_RECORD, entry / GGUF_FILE
+    if not record_path.is_file() or not gguf.is_file():
+        return "no cached model"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable {DERIVED_RECORD} ({exc})"
+    if record.get("derives_from") != sources:
+        return f"it derives from {record.get('derives_from')}, not {sources}"
+    if file_sha256(gguf) != record.get("gguf_sha256"):
+        return f"{GGUF_FILE} does not have the sha256 its record holds"
+    return None
+
+
+def build_derived(model, tokenizer, entry: Path, sources: dict, with_adapter: bool) -> tuple[Path, dict]:
+    started = time.perf_counter()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".building-") as staging:
+        staging = Path(staging)
+        write_merged(model, tokenizer, staging / "merged", with_adapter)
+        gguf = convert_to_gguf(staging / "merged", staging / GGUF_FILE, sources["quant"])
+        shutil.rmtree(staging / "merged")
+        record = {"derives_from": sources, "gguf_sha256": file_sha256(gguf),
+                  "built_seconds": round(time.perf_counter() - started, 1)}
+        (staging / DERIVED_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if entry.exists():
+            shutil.rmtree(entry)
+        staging.rename(entry)
+        staging.mkdir()  # the context manager removes what it made
+    log.info("fast engine: built %s (%s) in %.1f s", entry / GGUF_FILE, sources["quant"], record["built_seconds"])
+    return entry / GGUF_FILE, record

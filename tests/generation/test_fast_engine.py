@@ -1,0 +1,150 @@
+"""The fast engine (llama.cpp on a derived GGUF) against the reference path, on tiny random models.
+
+The tiny models' logits are small and close together (about 0.8 at most), so greedy tokens are a
+sharp test: a merge without the LoRA delta, or a wrong layer for the gate, shows at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kwanzaa_adapter.generation.decoding import generate
+from kwanzaa_adapter.generation.gate import AnswerabilityGate, prompt_features
+from kwanzaa_adapter.generation.grammar import SchemaGrammar
+from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
+from kwanzaa_adapter.modeling.derived import DERIVED_RECORD, GGUF_FILE, derived_gguf
+from tests.conftest import build_tiny_model
+
+pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
+
+QUESTIONS = ["When is Kwanzaa celebrated?", "What does ujima mean?", "Who lit the first kinara candle?"]
+
+
+def _adapted(tokenizer, kind: str = "llama"):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    base = build_tiny_model(kind, len(tokenizer))
+    # Random A and B: a delta large enough to move the tiny model's greedy tokens.
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                           init_lora_weights=False)).eval()
+
+
+def _prompts():
+    return [[{"role": "user", "content": question}] for question in QUESTIONS]
+
+
+def _ids(tokenizer, prompt) -> list[int]:
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+@pytest.fixture(scope="module")
+def adapted(tokenizer):
+    return _adapted(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def merged_f16(adapted, tokenizer, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("fast-cache")
+    path, _ = derived_gguf(adapted, tokenizer, base_digest="tiny", with_adapter=True, quant="f16", cache_dir=cache)
+    return path
+
+
+def test_fast_engine_decodes_the_reference_tokens_in_batches(adapted, tokenizer, merged_f16):
+    engine = LlamaCppEngine(merged_f16)
+    settings = dict(max_new_tokens=16, batch_size=2, progress=False)
+    reference = generate(adapted, tokenizer, _prompts(), **settings)
+    fast = generate(adapted, tokenizer, _prompts(), **settings, engine=engine)
+    assert fast.token_ids == reference.token_ids
+    assert fast.outputs == reference.outputs and fast.new_tokens == reference.new_tokens
+
+
+def test_grammar_forbids_the_greedy_token_on_the_fast_engine(adapted, tokenizer, merged_f16):
+    engine = LlamaCppEngine(merged_f16)
+    grammar = SchemaGrammar(tokenizer)
+    prompt = _ids(tokenizer, _prompts()[0])
+    free = engine.prompt_logits(prompt)[-1]
+    greedy = int(free.argmax())
+    allowed = grammar.constraint().allowed(free.shape[-1])
+    assert not allowed[greedy], "the tiny model's greedy first token must be one the contract forbids"
+    held = engine.generate(tokenizer, [prompt], max_new_tokens=16, batch_size=1, stop_ids=[tokenizer.eos_token_id],
+                           progress=False, grammar=grammar)
+    first = held.token_ids[0][0]
+    assert first != greedy and allowed[first]
+    assert first == int(free.masked_fill(~allowed, float("-inf")).argmax())  # the best token the grammar allows
+    assert held.outputs[0].startswith('{"version":"kwanzaa.answer.v1"')
+
+
+def test_gate_features_come_from_the_engine_and_match_the_reference(adapted, tokenizer, merged_f16):
+    ids = [_ids(tokenizer, prompt) for prompt in _prompts()]
+    for layer in (1, 2):  # a middle block, and the last (whose output llama.cpp keeps for the last token only)
+        features = prompt_features(adapted, tokenizer, ids, [layer])[layer]
+        torch.manual_seed(layer)
+        gate = AnswerabilityGate(layer, 0.5, torch.randn(features.shape[1]), torch.zeros(1), features.mean(0),
+                                 features.std(0) + 1e-3)
+        reference = generate(adapted, tokenizer, _prompts(), max_new_tokens=6, batch_size=3, progress=False, gate=gate)
+        fast = generate(adapted, tokenizer, _prompts(), max_new_tokens=6, batch_size=3, progress=False, gate=gate,
+                        engine=LlamaCppEngine(merged_f16, gate_layer=layer))
+        assert fast.refuse == reference.refuse
+        assert fast.refuse_probabilities == pytest.approx(reference.refuse_probabilities, abs=0.02)
+        with pytest.raises(ValueError, match="without a tap"):
+            generate(adapted, tokenizer, _prompts(), max_new_tokens=2, batch_size=3, progress=False, gate=gate,
+                     engine=LlamaCppEngine(merged_f16, gate_layer=3 - layer))
+
+
+def _versus_reference(model, tokenizer, gguf) -> tuple[float, float, float, bool]:
+    """(max |logit difference|, its tolerance for f16, share of positions with the same greedy token, whether
+    16 greedy tokens decoded by both are the same) on one prompt."""
+    prompt = _ids(tokenizer, _prompts()[1])
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([prompt])).logits[0]
+    engine = LlamaCppEngine(gguf)
+    fast = engine.prompt_logits(prompt)[:, : reference.shape[-1]]
+    settings = dict(max_new_tokens=16, batch_size=1, progress=False)
+    same_tokens = (generate(model, tokenizer, _prompts()[1:2], **settings).token_ids
+                   == generate(model, tokenizer, _prompts()[1:2], **settings, engine=engine).token_ids)
+    return (float((fast - reference).abs().max()), 0.02 * float(reference.abs().max()),  # GGUF_TOLERANCE["f16"]
+            float((fast.argmax(-1) == reference.argmax(-1)).float().mean()), same_tokens)
+
+
+def test_a_merge_without_the_lora_delta_fails_logits_and_greedy_tokens(adapted, tokenizer, merged_f16, tmp_path):
+    diff, tolerance, agreement, same_tokens = _versus_reference(adapted, tokenizer, merged_f16)
+    assert diff <= tolerance and agreement >= 0.9 and same_tokens
+    without, _ = derived_gguf(adapted, tokenizer, base_digest="tiny", with_adapter=False, quant="f16",
+                              cache_dir=tmp_path)
+    diff, tolerance, agreement, same_tokens = _versus_reference(adapted, tokenizer, without)
+    assert diff > tolerance and agreement < 0.5 and not same_tokens
+
+
+def test_a_cached_model_that_does_not_match_its_record_is_rebuilt(adapted, tokenizer, tmp_path, caplog):
+    options = dict(base_digest="tiny", with_adapter=True, quant="f16", cache_dir=tmp_path)
+    path, record = derived_gguf(adapted, tokenizer, **options)
+    assert derived_gguf(adapted, tokenizer, **options)[0] == path  # a match: used as it is
+
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        rebuilt, again = derived_gguf(adapted, tokenizer, **options)
+    assert "does not have the sha256" in caplog.text
+    assert again["gguf_sha256"] == record["gguf_sha256"] and rebuilt.read_bytes() != bytes(data)
+
+    stored = json.loads((path.parent / DERIVED_RECORD).read_text())
+    stored["derives_from"]["base_digest"] = "another base"
+    (path.parent / DERIVED_RECORD).write_text(json.dumps(stored))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        derived_gguf(adapted, tokenizer, **options)
+    assert "it derives from" in caplog.text
+    assert json.loads((path.parent / DERIVED_RECORD).read_text())["derives_from"]["base_digest"] == "tiny"
+    assert (path.parent / GGUF_FILE).is_file()
+
+
+def test_the_olmo_profile_converts_and_matches(tokenizer, tmp_path):
+    olmo = _adapted(tokenizer, "olmo")
+    path, _ = derived_gguf(olmo, tokenizer, base_digest="tiny-olmo", with_adapter=True, quant="f16", cache_dir=tmp_path)
+    diff, tolerance, agreement, same_tokens = _versus_reference(olmo, tokenizer, path)
+    assert diff <= tolerance and agreement >= 0.9 and same_tokens
