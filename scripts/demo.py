@@ -123,8 +123,11 @@ def run(config: str = "configs/demo.yaml") -> int:
         print("\nbehavioral metrics on the eval split, base model vs adapter"
               + (" and adapter with its answerability gate:" if result.behavior.gated else ":"))
         print(result.behavior.table())
-        for label, speed in result.behavior.generation_tokens_per_second().items():
-            print(f"generation ({label}): {speed:.1f} tokens/s")
+        for run in result.behavior.runs:
+            print(f"generation ({run.label}, {run.engine}): {run.tokens_per_second:.1f} tokens/s")
+        for label, choice in (result.behavior.engine or {}).items():
+            if choice.get("fallback_reason"):
+                print(f"the {label} run fell back to the reference path: {choice['fallback_reason']}")
     s = result.summary
     if plan.eta:
         print("\nwall time by phase, estimated before the run and measured:")

@@ -183,7 +183,7 @@ def test_disabled_adapter_reproduces_the_base_model_and_the_adapter_changes_outp
 
 
 ROW_KEYS = {"id", "model", "output", "parsed", "parse_error", "json_valid", "refused", "refusal_correct",
-            "citation_ok", "groundedness", "cited", "gold_cited", "decision", "refuse_probability"}
+            "citation_ok", "groundedness", "cited", "gold_cited", "decision", "refuse_probability", "engine"}
 
 
 def test_evaluate_scores_every_item_and_predictions_have_one_line_per_example_and_model(

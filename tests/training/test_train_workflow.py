@@ -226,9 +226,11 @@ def test_eval_command_compares_base_and_adapter_and_writes_predictions(trained, 
     assert "refusal_correctness_rate" in capsys.readouterr().out
     metrics = json.loads(output.read_text())
     names = {"json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate"}
-    assert set(metrics) == {"base", "adapter"} and set(metrics["base"]) == set(metrics["adapter"]) == names
+    assert set(metrics) == {"base", "adapter", "engine"} and set(metrics["base"]) == set(metrics["adapter"]) == names
+    assert metrics["engine"] == {"base": {"engine": "reference"}, "adapter": {"engine": "reference"}}
     rows = [json.loads(line) for line in (output.parent / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 4 and {r["model"] for r in rows} == {"base", "adapter"}
+    assert {r["engine"] for r in rows} == {"reference"}
     assert {"id", "output", "json_valid", "refusal_correct"} <= set(rows[0])
 
 

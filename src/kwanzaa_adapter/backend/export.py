@@ -168,8 +168,8 @@ def export_merged(adapter: str | Path, out: str | Path, config: KwanzaaConfig | 
         check = check_logits(merged, as_trained, dequantized, config, trained, tolerance, as_trained_tolerance)
         if not check.passed:
             raise MergeCheckError(f"{check.summary()}\nnothing was written to {out}", check)
-        _write_json(staging / CHECK_FILE, check.as_json())
-        _write_json(staging / EXPORT_RECORD, trained.provenance)
+        write_json(staging / CHECK_FILE, check.as_json())
+        write_json(staging / EXPORT_RECORD, trained.provenance)
         seal_artifact(staging)
     report = verify_artifact(out, required_files=EXPORT_REQUIRED)
     if not report.ok:
@@ -274,5 +274,5 @@ def compare_logits(actual: list[torch.Tensor], reference: list[torch.Tensor], na
     return Comparison(reference=name, max_abs_diff=diff, tolerance=tolerance, tolerance_rule=rule)
 
 
-def _write_json(path: Path, value: dict) -> None:
+def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

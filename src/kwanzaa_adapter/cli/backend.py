@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from kwanzaa_adapter.cli.exits import EXIT_BAD_INPUT, EXIT_OK
 
@@ -86,6 +87,17 @@ def cmd_export(args) -> int:
         from kwanzaa_adapter.config import load_training_config
 
         config = load_training_config(args.config, tuple(args.set))
+    if args.format == "gguf":
+        from kwanzaa_adapter.backend.gguf_export import export_gguf
+
+        path, check = export_gguf(args.adapter, args.merge, config, quant=args.quant,
+                                  allow_base_mismatch=args.allow_base_mismatch, trusted_keys=tuple(args.trusted_key))
+        print(check.summary())
+        if (Path(args.adapter) / "answerability_gate.safetensors").is_file():
+            print("note: the adapter's answerability gate is not in the GGUF (a GGUF cannot carry it); llama.cpp "
+                  "generates without it. The card records the adapter's rates without the gate.")
+        print(f"GGUF: {path}")
+        return EXIT_OK
     result = export_merged(args.adapter, args.merge, config, tolerance=args.tolerance,
                            as_trained_tolerance=args.as_trained_tolerance, allow_base_mismatch=args.allow_base_mismatch,
                            trusted_keys=tuple(args.trusted_key))
@@ -168,6 +180,10 @@ def add_backend_parsers(sub) -> None:
                                       "model as trained and the de-quantized base + adapter")
     model_arguments(p, adapter_required=True)
     p.add_argument("--merge", required=True, metavar="OUT", help="new directory for the merged model")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors (Transformers) or gguf (llama.cpp, Ollama; without the answerability gate)")
+    p.add_argument("--quant", choices=("q8_0", "bf16", "f16"), default="q8_0",
+                   help="GGUF weight type (default %(default)s); its logits are checked against the model as trained")
     p.add_argument("--tolerance", type=float, default=None,
                    help="max |logit difference| from the de-quantized base + adapter (default 1e-3)")
     p.add_argument("--as-trained-tolerance", type=float, default=None,

@@ -14,20 +14,25 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.config import ConfigError
     from kwanzaa_adapter.data.validation import DataError
     from kwanzaa_adapter.evaluation.eval_set import EvaluationDataError
+    from kwanzaa_adapter.generation.llamacpp import EngineUnavailable
+    from kwanzaa_adapter.modeling.derived import DerivationError
     from kwanzaa_adapter.modeling.sources import ModelReferenceError
     from kwanzaa_adapter.safety.artifacts import ArtifactError
     from kwanzaa_adapter.tracking.registry import RegistryError
     from kwanzaa_adapter.training.rundir import RunDirectoryError
 
-    # SigningKeyError (an unusable key file) is an ArtifactError.
+    # SigningKeyError (an unusable key file) is an ArtifactError. EngineUnavailable and DerivationError:
+    # inference.engine llama.cpp (or export --format gguf) where llama.cpp is not built or cannot convert.
     return (ConfigError, DataError, EvaluationDataError, ModelReferenceError, RunDirectoryError, ArtifactError,
-            RegistryError)
+            RegistryError, EngineUnavailable, DerivationError)
 
 
 def verification_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.backend.export import MergeCheckError
+    from kwanzaa_adapter.backend.gguf_export import GgufCheckError
     from kwanzaa_adapter.modeling.loading import AdapterVerificationError
     from kwanzaa_adapter.safety.signing import SignatureError
     from kwanzaa_adapter.training.workflow import ArtifactInvalidError, WeightsChangedError
 
-    return WeightsChangedError, ArtifactInvalidError, AdapterVerificationError, MergeCheckError, SignatureError
+    return (WeightsChangedError, ArtifactInvalidError, AdapterVerificationError, MergeCheckError, GgufCheckError,
+            SignatureError)

@@ -51,14 +51,14 @@ def cmd_eval(args) -> int:
 
     served, _ = load_model(args)
     report = measure_behavior(served.config, served.model, served.tokenizer, args.data,
-                              with_adapter=bool(args.adapter), gate=served.gate)
+                              with_adapter=bool(args.adapter), gate=served.gate, base_digest=served.base_digest)
     if served.gate is not None:
         g = served.gate.describe()
         print(f"answerability gate: block {g['layer']}, threshold {g['threshold']:.3f}, calibration AUC "
               f"{g.get('calibration_auc', float('nan')):.3f} (gate.apply=false leaves it out)")
     print(report.table())
-    for label, speed in report.generation_tokens_per_second().items():
-        print(f"generation {label}: {speed:.1f} tokens/s")
+    for run in report.runs:
+        print(f"generation {run.label} ({run.engine}): {run.tokens_per_second:.1f} tokens/s")
     if args.output:
         print(f"wrote {save_eval_output(report, Path(args.output))}")
     return EXIT_OK

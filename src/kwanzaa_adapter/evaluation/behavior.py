@@ -19,6 +19,7 @@ from kwanzaa_adapter.evaluation.runs import (
     plot_comparison,
     write_predictions,
 )
+from kwanzaa_adapter.generation.engines import choose_engine
 from kwanzaa_adapter.generation.gate import AnswerabilityGate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
@@ -33,6 +34,7 @@ class BehaviorReport:
     seconds: float = 0.0  # every generation pass and its scoring
     gated: EvalRun | None = None  # the adapter with its answerability gate, beside it without
     gate: dict | None = None  # the gate's description (layer, threshold, calibration AUC)
+    engine: dict | None = None  # which engine generated each run, and why the reference if it did
 
     @property
     def runs(self) -> list[EvalRun]:
@@ -44,6 +46,8 @@ class BehaviorReport:
         result = comparison_json(self.base, self.adapter, self.gated)
         if self.gate is not None:
             result["gate"] = self.gate
+        if self.engine is not None:
+            result["engine"] = self.engine
         return result
 
     def table(self) -> str:
@@ -60,10 +64,14 @@ class BehaviorReport:
 
 
 def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | Path | None = None,
-                     with_adapter: bool = True, gate: AnswerabilityGate | None = None) -> BehaviorReport:
+                     with_adapter: bool = True, gate: AnswerabilityGate | None = None,
+                     base_digest: str | None = None) -> BehaviorReport:
     """Generate on the eval items with the base model and, when `with_adapter`, with the adapter too;
     with a `gate` (applied unless gate.apply is off), the adapter once more with the gate holding
-    every decision, so that both are seen side by side."""
+    every decision, so that both are seen side by side.
+
+    `inference.engine` picks the engine (`generation.engines`); the fast one derives its models from
+    `model` and the checked `base_digest` of its base, and the report says which engine ran."""
     items = load_eval_items(data_file or config.data.eval_file, config.data.system_prompt,
                             max_examples=config.evaluation.max_examples)
     grammar = SchemaGrammar(tokenizer) if config.evaluation.constrained_decoding else None
@@ -71,15 +79,22 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
                    grammar=grammar)
     log.info("behavioral evaluation on %d examples", len(items))
     started = time.perf_counter()
+    gated = with_adapter and gate is not None and config.gate.apply
+    engines = {"base": choose_engine(config, model, tokenizer, base_digest=base_digest, with_adapter=False)}
     if with_adapter:
-        base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options)
+        engines["adapter"] = choose_engine(config, model, tokenizer, base_digest=base_digest, with_adapter=True,
+                                           gate_layer=gate.layer if gated else None)
+        base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options, engines=engines)
     else:
-        base, adapter = evaluate(model, tokenizer, items, label="base", **options), None
-    gated = None
-    if with_adapter and gate is not None and config.gate.apply:
-        gated = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, **options)
-    report = BehaviorReport(base, adapter, time.perf_counter() - started, gated,
-                            gate.describe() if gate is not None else None)
+        base, adapter = evaluate(model, tokenizer, items, label="base", **options,
+                                 engine=engines["base"].engine, engine_name=engines["base"].name), None
+    gated_run = None
+    if gated:
+        gated_run = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, **options,
+                             engine=engines["adapter"].engine, engine_name=engines["adapter"].name)
+    report = BehaviorReport(base, adapter, time.perf_counter() - started, gated_run,
+                            gate.describe() if gate is not None else None,
+                            {label: choice.describe() for label, choice in engines.items()})
     log.info("behavioral metrics:\n%s", report.table())
     return report
 

@@ -31,28 +31,30 @@ class EvalRun:
     rates: dict
     rows: list[dict]
     tokens_per_second: float
+    engine: str = "reference"
 
 
 
 def evaluate(
     model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int, label: str,
     progress: bool = True, grammar: SchemaGrammar | None = None, gate: AnswerabilityGate | None = None,
-    forced: Sequence[bool] | None = None,
+    forced: Sequence[bool] | None = None, engine=None, engine_name: str = "reference",
 ) -> EvalRun:
     """Generate for every item, score each output with `metrics.score_example`, aggregate the rates.
 
     With a `gate` (or `forced` decisions) each row records the decision held and the gate's P(refuse).
+    With an `engine` (the fast one, see `generation.engines`) it generates; each row names the engine.
     """
     result = generate(
         model, tokenizer, [item.prompt for item in items],
         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
-        gate=gate, forced=forced,
+        gate=gate, forced=forced, engine=engine,
     )
     decided = result.refuse or [None] * len(items)
     probabilities = result.refuse_probabilities or [None] * len(items)
-    rows = [_row(item, output, label, refuse, p)
+    rows = [{**_row(item, output, label, refuse, p), "engine": engine_name}
             for item, output, refuse, p in zip(items, result.outputs, decided, probabilities)]
-    return EvalRun(label, aggregate(rows), rows, result.tokens_per_second)
+    return EvalRun(label, aggregate(rows), rows, result.tokens_per_second, engine_name)
 
 
 def _row(item: EvalItem, output: str, label: str, refuse: bool | None = None, probability: float | None = None) -> dict:
@@ -66,14 +68,21 @@ def _row(item: EvalItem, output: str, label: str, refuse: bool | None = None, pr
 def evaluate_base_and_adapter(
     peft_model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int,
     base_label: str = "base", adapter_label: str = "adapter", progress: bool = True,
-    grammar: SchemaGrammar | None = None,
+    grammar: SchemaGrammar | None = None, engines: Mapping | None = None,
 ) -> tuple[EvalRun, EvalRun]:
-    """Evaluate the base model (adapter disabled) and the adapted model, from one loaded PeftModel."""
+    """Evaluate the base model (adapter disabled) and the adapted model, from one loaded PeftModel;
+    `engines` ({"base": EngineChoice, "adapter": EngineChoice}) where the fast engine generates."""
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar)
+    engines = engines or {}
     with peft_model.disable_adapter():
-        base_run = evaluate(peft_model, tokenizer, items, label=base_label, **settings)
-    adapter_run = evaluate(peft_model, tokenizer, items, label=adapter_label, **settings)
+        base_run = evaluate(peft_model, tokenizer, items, label=base_label, **settings, **_engine(engines.get("base")))
+    adapter_run = evaluate(peft_model, tokenizer, items, label=adapter_label, **settings,
+                           **_engine(engines.get("adapter")))
     return base_run, adapter_run
+
+
+def _engine(choice) -> dict:
+    return {} if choice is None else {"engine": choice.engine, "engine_name": choice.name}
 
 
 # --------------------------------------------------------------------------- reports

@@ -229,7 +229,13 @@ def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirect
     adapter with its gate beside it; main process only."""
     if not config.evaluation.behavioral or not ranks.is_main:
         return None
-    report = measure_behavior(config, bundle.model, bundle.tokenizer, gate=gate.gate if gate else None)
+    # The fast engine derives its model from the base as checked here against the baseline.
+    base_digest = None
+    if config.inference.engine != "reference":
+        verify_weights(bundle, run)
+        base_digest = load_base_model_checksums(run.baseline_path)["model_digest"]
+    report = measure_behavior(config, bundle.model, bundle.tokenizer, gate=gate.gate if gate else None,
+                              base_digest=base_digest)
     report.write(run.path / PREDICTIONS_FILE)
     monitor.record_behavior(report, outcome.summary.get("steps", 0))
     return report

@@ -22,8 +22,10 @@ from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.contract import Answer, parse_answer
 from kwanzaa_adapter.data.records import Document, RagRecord, render_record
 from kwanzaa_adapter.generation.decoding import end_of_turn_ids, generate
+from kwanzaa_adapter.generation.engines import EngineChoice, choose_engine
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap, load_gate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
+from kwanzaa_adapter.generation.llamacpp import Row, sampler
 from kwanzaa_adapter.modeling.loading import (
     AdapterVerificationError,
     ModelReferenceError,
@@ -211,6 +213,9 @@ class ChatStream:
         self.text = ""
 
     def __iter__(self) -> Iterator[str]:
+        if self.owner.fast is not None:
+            yield from self._fast()
+            return
         owner = self.owner
         with owner.lock:
             streamer = TextIteratorStreamer(owner.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -252,6 +257,24 @@ class ChatStream:
             self.completion_tokens = len(new)
             self.finish_reason = "stop" if stopped or len(new) < self.max_new_tokens else "length"
 
+    def _fast(self) -> Iterator[str]:
+        """The same reply from the fast engine, token by token."""
+        owner, tokenizer = self.owner, self.owner.tokenizer
+        stop_ids = end_of_turn_ids(owner.model, tokenizer)
+        row = Row(self.prompt_ids, self.max_new_tokens, gated=self.gate is not None, json_only=False,
+                  sample=sampler(self.sampling.get("temperature", 0.0), self.sampling.get("top_p", 1.0)))
+        with owner.lock:
+            for _, token in owner.fast.decode(tokenizer, [row], stop_ids, self.gate):
+                if token in stop_ids:
+                    break
+                text = tokenizer.decode(row.tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd") and len(text) > len(self.text):  # whole characters only
+                    piece, self.text = text[len(self.text):], text
+                    yield piece
+        self.gate_result = gate_verdict(row.refuse, row.probability) if self.gate is not None else None
+        self.completion_tokens = len(row.tokens)
+        self.finish_reason = "stop" if row.stopped or len(row.tokens) < self.max_new_tokens else "length"
+
 
 # --------------------------------------------------------------------------- the model
 
@@ -288,6 +311,15 @@ class CausalLMModel:
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
         self.model = model.eval()
         self.lock = threading.Lock()  # one model: generations run one at a time
+        # The fast engine (inference.engine) derives from this verified model; None: the reference generates.
+        self.engine: EngineChoice = choose_engine(config, self.model, self.tokenizer, base_digest=self.base_digest,
+                                                  with_adapter=adapter is not None,
+                                                  gate_layer=self.gate.layer if self.gate is not None else None)
+
+    @property
+    def fast(self):
+        """The fast engine (`generation.llamacpp.LlamaCppEngine`), or None where the reference generates."""
+        return self.engine.engine
 
     def check_model_type(self, model) -> None:
         model_type = getattr(model.config, "model_type", None)
@@ -309,7 +341,8 @@ class CausalLMModel:
                 "base_digest": self.base_digest, "precision": self.precision.resolved, "quantization": "4-bit " + self.config.quantization.quant_type
                 if self.config.quantization.load_in_4bit else "none",
                 "adapter": self.adapter.as_json() if self.adapter else None,
-                "gate": self.gate.describe() if self.gate is not None else None}
+                "gate": self.gate.describe() if self.gate is not None else None,
+                "engine": self.engine.describe()}
 
     # --- answers
 
@@ -345,7 +378,8 @@ class CausalLMModel:
             result = generate(self.model, self.tokenizer, prompts,
                               max_new_tokens=max_new_tokens or self.config.evaluation.max_new_tokens,
                               batch_size=self.config.evaluation.batch_size, progress=progress,
-                              grammar=self.contract_grammar if constrained else None, gate=self.gate)
+                              grammar=self.contract_grammar if constrained else None, gate=self.gate,
+                              engine=self.fast)
         verdicts = [gate_verdict(refuse, p) for refuse, p in zip(result.refuse, result.refuse_probabilities)] \
             if self.gate is not None else [None] * len(prompts)
         return [AnswerResult.from_output(raw, verdict) for raw, verdict in zip(result.outputs, verdicts)]

@@ -34,7 +34,8 @@ from kwanzaa_adapter.generation.grammar import SchemaGrammar
 def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, options: ServeOptions) -> FastAPI:
     engine = BatchEngine(model.model, model.tokenizer, max_batch_size=options.max_batch_size,
                          max_queue=options.max_queue, queue_timeout_s=options.queue_timeout_s,
-                         gather_s=options.gather_ms / 1000, lock=model.lock, gate=model.gate)
+                         gather_s=options.gather_ms / 1000, lock=model.lock, gate=model.gate,
+                         fast=model.fast)
     metrics = ServeMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
     engine.on_batch = metrics.batch_done
     grammars = GrammarCache(model)

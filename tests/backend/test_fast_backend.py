@@ -1,0 +1,117 @@
+"""The backend on the fast engine: nothing derived from an unverified artifact; answers, chat, serving
+batches and the GGUF export on the tiny 4-bit artifact, against the reference path."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import Collector, prompt_ids
+from kwanzaa_adapter.backend.gguf_export import GGUF_REQUIRED, export_gguf
+from kwanzaa_adapter.backend.models import model_from_config
+from kwanzaa_adapter.backend.serving.batching import BatchEngine, Ticket
+from kwanzaa_adapter.cli import main
+from kwanzaa_adapter.config import load_training_config
+from kwanzaa_adapter.data.records import Document
+from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
+from kwanzaa_adapter.modeling.derived import GGUF_FILE
+from kwanzaa_adapter.modeling.loading import AdapterVerificationError
+from kwanzaa_adapter.safety.artifacts import verify_artifact
+from tiny_artifact import copy_artifact, flip_last_byte, tiny_artifact  # noqa: F401
+
+pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
+
+DOCUMENTS = [Document(title="Kwanzaa", text="Kwanzaa is celebrated from December 26 to January 1.")]
+QUESTIONS = ["When is Kwanzaa celebrated?", "What does ujima mean?", "Who designed the first kinara?"]
+
+
+def _load(config_path, artifact, cache, engine: str):
+    config = load_training_config(config_path, (f"inference.engine={engine}", "inference.quant=f16",
+                                                f"inference.cache_dir={cache}"))
+    return model_from_config(config, adapter=artifact)
+
+
+@pytest.fixture(scope="module")
+def both(tiny_artifact, tmp_path_factory):  # noqa: F811
+    config, artifact = tiny_artifact
+    cache = tmp_path_factory.mktemp("fast-backend-cache")
+    return _load(config, artifact, cache, "reference"), _load(config, artifact, cache, "llama.cpp")
+
+
+def test_an_unverified_artifact_is_refused_before_anything_is_derived(tiny_artifact, tmp_path):  # noqa: F811
+    config, artifact = tiny_artifact
+    tampered = copy_artifact(artifact, tmp_path / "tampered")
+    flip_last_byte(tampered / "adapter_model.safetensors")
+    with pytest.raises(AdapterVerificationError, match="refusing to load"):
+        _load(config, tampered, tmp_path / "cache", "llama.cpp")
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing cached
+
+
+def test_the_fast_backend_answers_as_the_reference_does(both):
+    reference, fast = both
+    assert reference.fast is None and reference.describe()["engine"]["engine"] == "reference"
+    assert fast.describe()["engine"]["engine"] == "llama.cpp (f16)"
+    assert fast.describe()["engine"]["derived"]["derives_from"]["base_digest"] == fast.base_digest
+    prompts = [fast.prompt_for(question, DOCUMENTS) for question in QUESTIONS]
+    expected = [a.raw_output for a in reference.answer_prompts(prompts, max_new_tokens=12, constrained=True)]
+    assert [a.raw_output for a in fast.answer_prompts(prompts, max_new_tokens=12, constrained=True)] == expected
+
+
+def test_chat_streams_the_reference_reply(both):
+    reference, fast = both
+    messages = [{"role": "user", "content": "Tell me about Kwanzaa."}]
+    replies = []
+    for model in both:
+        stream = model.stream_chat(messages, max_new_tokens=10)
+        pieces = list(stream)
+        assert "".join(pieces) == stream.text and stream.completion_tokens >= 1
+        replies.append((stream.text, stream.finish_reason))
+    assert replies[0] == replies[1]
+
+
+def test_serving_batches_on_the_fast_engine_equal_the_reference(both, tokenizer):
+    reference, fast = both
+    limits = [9, 4, 12]
+    outcomes = []
+    for model in both:
+        engine = BatchEngine(model.model, model.tokenizer, max_batch_size=8, gather_s=0.3, fast=model.fast)
+        tickets = [Ticket(prompt_ids(tokenizer, q), n, Collector()) for q, n in zip(QUESTIONS, limits)]
+        for ticket in tickets:
+            engine.submit(ticket)
+        outcomes.append([(ticket.emit.result(), ticket.ids, ticket.finish_reason) for ticket in tickets])
+        engine.close()
+    assert outcomes[0] == outcomes[1]
+    for (text, ids, reason), limit in zip(outcomes[1], limits):
+        assert len(ids) <= limit and reason == ("length" if len(ids) == limit else "stop")
+
+
+def test_gguf_export_is_sealed_loads_in_llamacpp_and_matches_the_trained_model(tiny_artifact, tmp_path,  # noqa: F811
+                                                                                 capsys):
+    config, artifact = tiny_artifact
+    out = tmp_path / "gguf"
+    code = main(["export", "--config", str(config), "--adapter", str(artifact), "--merge", str(out),
+                 "--format", "gguf", "--quant", "f16"])
+    assert code == 0
+    assert "passed" in capsys.readouterr().out
+    assert verify_artifact(out, required_files=GGUF_REQUIRED).ok
+    check = json.loads((out / "gguf_logit_check.json").read_text())
+    assert check["passed"] and check["max_abs_diff"] <= check["tolerance"]
+    engine = LlamaCppEngine(out / GGUF_FILE)  # llama.cpp itself loads the file and answers
+    assert engine.prompt_logits([1, 2, 3]).shape[0] == 3
+    card = (out / "README.md").read_text()
+    assert "f16" in card
+    flip_last_byte(out / GGUF_FILE)
+    assert not verify_artifact(out, required_files=GGUF_REQUIRED).ok
+
+
+def test_gguf_export_refuses_an_existing_directory_and_an_unverified_artifact(tiny_artifact, tmp_path):  # noqa: F811
+    config, artifact = tiny_artifact
+    tampered = copy_artifact(artifact, tmp_path / "tampered")
+    flip_last_byte(tampered / "adapter_model.safetensors")
+    with pytest.raises(AdapterVerificationError):
+        export_gguf(tampered, tmp_path / "out", load_training_config(config, ()), quant="f16")
+    assert not (tmp_path / "out").exists()
+    code = main(["export", "--config", str(config), "--adapter", str(tampered), "--merge", str(tmp_path / "o2"),
+                 "--format", "gguf"])
+    assert code == 1 and not (tmp_path / "o2").exists()
