@@ -14,6 +14,10 @@ requests), statuses (429, 503, 5xx) and the server's peak RSS (VmHWM) after half
 the requests. Then the batched server is overloaded: 4 x `--max-queue` requests at once; the
 refusals must be 429s and the server must answer a question afterwards.
 
+All of it runs once per engine (`--engines`, default the reference path, then llama.cpp: the server's
+`inference.engine`), in one invocation; the fast engine's p95 latency, one at a time and batched,
+is set against the reference's (target: at most 1/4).
+
 Every figure names the CPU class (bf16 where the CPU has AVX512-BF16/AMX, else AVX2) and the
 precision the server resolved. The last line printed is one JSON object.
 """
@@ -38,7 +42,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "serve-load-key"
-TARGETS = {"ratio": 2.5}
+TARGETS = {"ratio": 2.5, "fast_p95_share": 0.25}
 
 
 @dataclass
@@ -91,12 +95,12 @@ def free_port() -> int:
 class Server:
     """`kwanzaa-adapter serve` in a subprocess, until stopped with SIGTERM."""
 
-    def __init__(self, args, batch_size: int, max_queue: int):
+    def __init__(self, args, batch_size: int, max_queue: int, engine: str = "auto"):
         self.port = free_port()
         command = [sys.executable, "-m", "kwanzaa_adapter.cli", "serve", "--config", args.config, "--adapter",
                    args.adapter, "--port", str(self.port), "--max-batch-size", str(batch_size),
-                   "--max-queue", str(max_queue), "--queue-timeout", "600"]
-        self.log = open(args.log_dir / f"serve-batch{batch_size}.log", "w")  # noqa: SIM115 - closed in stop()
+                   "--max-queue", str(max_queue), "--queue-timeout", "900", "--set", f"inference.engine={engine}"]
+        self.log = open(args.log_dir / f"serve-{engine}-batch{batch_size}.log", "w")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, "KWANZAA_ADAPTER_API_KEY": KEY})
         self.url = f"http://127.0.0.1:{self.port}"
@@ -202,6 +206,49 @@ def overload(server: Server, items, args) -> tuple[dict[int, int], bool]:
     return dict(sorted(statuses.items())), alive
 
 
+def run_engine(args, engine: str, items) -> dict:
+    """One engine's two servers (one at a time, batched) under the same load, then the overload."""
+    sides, exits = {}, []
+    for label, batch_size in (("single", 1), ("batched", args.max_batch_size)):
+        server = Server(args, batch_size, max(args.max_queue, args.clients), engine)
+        precision = server.health.get("precision")
+        ran = server.health.get("engine", {}).get("engine", "reference")
+        print(f"{engine} ({ran}), {label}: max batch {batch_size}, {args.clients} clients, {args.requests} requests",
+              flush=True)
+        sides[label] = Side(label)
+        load(server, sides[label], items, args)
+        if label == "batched":
+            overload_statuses, alive = overload(server, items, args)
+        exits.append(server.stop())
+    single, batched = sides["single"].figures(), sides["batched"].figures()
+    print(f"\n{engine} ({ran}): CPU class {cpu_class()}, server precision {precision}, {args.clients} concurrent "
+          f"clients, {args.requests} requests per side, max_tokens {args.max_tokens}\n")
+    print("| measure | one at a time | batched |")
+    print("| --- | --- | --- |")
+    for key, unit in (("requests_per_s", ""), ("tokens_per_s", ""), ("p50_s", " s"), ("p95_s", " s"),
+                      ("p99_s", " s"), ("ttft_p50_s", " s"), ("ttft_p95_s", " s"), ("rss_half_mb", " MB"),
+                      ("rss_end_mb", " MB")):
+        row = [single[key], batched[key]]
+        print(f"| {key} | " + " | ".join("n/a" if v is None else f"{v:.2f}{unit}" for v in row) + " |")
+    print(f"| statuses | {single['statuses']} | {batched['statuses']} |")
+    print(f"overload ({4 * args.max_queue} at once, max queue {args.max_queue}): {overload_statuses}; "
+          f"answers afterwards: {alive}; server exit codes {exits}\n", flush=True)
+    server_errors = sum(c for side in (single, batched) for s, c in side["statuses"].items() if s >= 500)
+    server_errors += sum(c for s, c in overload_statuses.items() if s >= 500 and s != 503)
+    return {
+        "engine": ran, "precision": precision,
+        "single_tok_s": round(single["tokens_per_s"], 1), "batched_tok_s": round(batched["tokens_per_s"], 1),
+        "ratio": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),
+        "single_req_s": round(single["requests_per_s"], 3), "batched_req_s": round(batched["requests_per_s"], 3),
+        "single_p95_s": round(single["p95_s"], 2), "batched_p95_s": round(batched["p95_s"], 2),
+        "single_ttft_p50_s": single["ttft_p50_s"], "batched_ttft_p50_s": batched["ttft_p50_s"],
+        "server_errors": server_errors, "overload_requests": 4 * args.max_queue,
+        "overload_429": overload_statuses.get(429, 0), "overload_statuses": overload_statuses, "alive_after": alive,
+        "batched_rss_half_mb": round(batched["rss_half_mb"]), "batched_rss_end_mb": round(batched["rss_end_mb"]),
+        "exit_codes": exits,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
@@ -212,53 +259,25 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-queue", type=int, default=16)
+    parser.add_argument("--engines", default="reference,llama.cpp",
+                        help="inference.engine of each server pair, comma-separated (default: both, in turn)")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp"))
     args = parser.parse_args()
     if not Path(args.adapter).is_dir():
         print(f"error: no artifact at {args.adapter}: run `make demo` first, or pass --adapter", file=sys.stderr)
         return 2
     items = questions(Path(args.data))
-    sides, exits = {}, []
-    for label, batch_size in (("single", 1), ("batched", args.max_batch_size)):
-        server = Server(args, batch_size, max(args.max_queue, args.clients))
-        precision = server.health.get("precision")
-        print(f"{label}: max batch {batch_size}, {args.clients} clients, {args.requests} requests", flush=True)
-        sides[label] = Side(label)
-        load(server, sides[label], items, args)
-        if label == "batched":
-            overload_statuses, alive = overload(server, items, args)
-        exits.append(server.stop())
-    single, batched = sides["single"].figures(), sides["batched"].figures()
-    print(f"\nCPU class {cpu_class()}, server precision {precision}, {args.clients} concurrent clients, "
-          f"{args.requests} requests per side, max_tokens {args.max_tokens}\n")
-    print("| measure | one at a time | batched |")
-    print("| --- | --- | --- |")
-    for key, unit in (("requests_per_s", ""), ("tokens_per_s", ""), ("p50_s", " s"), ("p95_s", " s"),
-                      ("p99_s", " s"), ("ttft_p50_s", " s"), ("ttft_p95_s", " s"), ("rss_half_mb", " MB"),
-                      ("rss_end_mb", " MB")):
-        row = [single[key], batched[key]]
-        print(f"| {key} | " + " | ".join("n/a" if v is None else f"{v:.2f}{unit}" for v in row) + " |")
-    print(f"| statuses | {single['statuses']} | {batched['statuses']} |")
-    print(f"overload ({4 * args.max_queue} at once, max queue {args.max_queue}): {overload_statuses}; "
-          f"answers afterwards: {alive}; server exit codes {exits}")
-    server_errors = sum(c for side in (single, batched) for s, c in side["statuses"].items() if s >= 500)
-    server_errors += sum(c for s, c in overload_statuses.items() if s >= 500 and s != 503)
-    ratio = batched["tokens_per_s"] / single["tokens_per_s"]
-    summary = {
-        "cpu_class": cpu_class(), "precision": precision, "clients": args.clients, "requests": args.requests,
-        "single_tok_s": round(single["tokens_per_s"], 1), "batched_tok_s": round(batched["tokens_per_s"], 1),
-        "ratio": round(ratio, 2), "single_req_s": round(single["requests_per_s"], 3),
-        "batched_req_s": round(batched["requests_per_s"], 3), "single_p95_s": round(single["p95_s"], 2),
-        "batched_p95_s": round(batched["p95_s"], 2), "single_ttft_p50_s": single["ttft_p50_s"],
-        "batched_ttft_p50_s": batched["ttft_p50_s"], "server_errors": server_errors,
-        "overload_requests": 4 * args.max_queue, "overload_429": overload_statuses.get(429, 0),
-        "overload_statuses": overload_statuses, "alive_after": alive,
-        "batched_rss_half_mb": round(batched["rss_half_mb"]), "batched_rss_end_mb": round(batched["rss_end_mb"]),
-        "exit_codes": exits,
-    }
+    engines = {engine: run_engine(args, engine, items) for engine in args.engines.split(",")}
+    summary = {"cpu_class": cpu_class(), "clients": args.clients, "requests": args.requests,
+               "max_tokens": args.max_tokens, "engines": engines}
+    ok = all(e["ratio"] >= TARGETS["ratio"] and e["batched_p95_s"] <= e["single_p95_s"] and e["server_errors"] == 0
+             and e["overload_429"] > 0 and e["alive_after"] and e["exit_codes"] == [0, 0] for e in engines.values())
+    if {"reference", "llama.cpp"} <= set(engines):
+        reference, fast = engines["reference"], engines["llama.cpp"]
+        for label in ("single", "batched"):
+            summary[f"{label}_p95_fast_over_reference"] = round(fast[f"{label}_p95_s"] / reference[f"{label}_p95_s"], 3)
+            ok = ok and summary[f"{label}_p95_fast_over_reference"] <= TARGETS["fast_p95_share"]
     print(json.dumps(summary))
-    ok = (ratio >= TARGETS["ratio"] and summary["batched_p95_s"] <= summary["single_p95_s"] and server_errors == 0
-          and summary["overload_429"] > 0 and alive and exits == [0, 0])
     return 0 if ok else 1
 
 

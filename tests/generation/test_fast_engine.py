@@ -148,3 +148,21 @@ def test_the_olmo_profile_converts_and_matches(tokenizer, tmp_path):
     path, _ = derived_gguf(olmo, tokenizer, base_digest="tiny-olmo", with_adapter=True, quant="f16", cache_dir=tmp_path)
     diff, tolerance, agreement, same_tokens = _versus_reference(olmo, tokenizer, path)
     assert diff <= tolerance and agreement >= 0.9 and same_tokens
+
+
+def test_one_prompt_gated_and_not_decodes_once_and_parts_where_the_gate_holds(adapted, tokenizer, merged_f16):
+    ids = [_ids(tokenizer, prompt) for prompt in _prompts()]
+    features = prompt_features(adapted, tokenizer, ids, [1])[1]
+    # A gate that refuses every prompt: the held rows must part from the free ones at the answer's text.
+    gate = AnswerabilityGate(1, -1.0, torch.zeros(features.shape[1]), torch.ones(1), features.mean(0),
+                             features.std(0) + 1e-3)
+    engine = LlamaCppEngine(merged_f16, gate_layer=1)
+    grammar = SchemaGrammar(tokenizer)
+    settings = dict(max_new_tokens=40, stop_ids=[tokenizer.eos_token_id], progress=False, grammar=grammar)
+    free = engine.generate(tokenizer, ids, batch_size=3, **settings)
+    held = engine.generate(tokenizer, ids, batch_size=3, gate=gate, **settings)
+    together = engine.generate(tokenizer, ids + ids, batch_size=6, gate=gate, gated=[False] * 3 + [True] * 3, **settings)
+    assert together.token_ids == free.token_ids + held.token_ids
+    assert together.refuse[3:] == held.refuse == [True] * 3
+    assert free.token_ids != held.token_ids  # they did part
+    assert all('"text":"The documents do not' in output for output in held.outputs)

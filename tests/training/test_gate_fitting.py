@@ -11,6 +11,7 @@ import pytest
 
 from conftest import ROOT, write_subset
 from kwanzaa_adapter.backend.models import model_from_config
+from kwanzaa_adapter.cli import main
 from kwanzaa_adapter.config import load_training_config
 from kwanzaa_adapter.evaluation.eval_set import eval_prompts, user_turns
 from kwanzaa_adapter.generation.gate import GATE_FILE, load_gate
@@ -125,3 +126,27 @@ def test_the_workflow_fits_saves_seals_and_applies_the_gate(gate_config, tmp_pat
     (artifact / GATE_FILE).write_bytes(bytes(data))
     report = verify_artifact(artifact)
     assert not report.ok and GATE_FILE in report.format()
+
+
+def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_config, tmp_path):
+    pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
+    fast = ("inference.engine=llama.cpp", "inference.quant=f16", f"inference.cache_dir={tmp_path / 'cache'}")
+    result = train_adapter(gate_config, fast)
+    report = result.behavior
+    assert {run.engine for run in report.runs} == {"llama.cpp (f16)"} and report.gated is not None
+    derived = report.as_json()["engine"]["adapter"]["derived"]["derives_from"]
+    assert derived["adapter_digest"] and derived["base_digest"]  # from the base checked against the baseline
+    metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
+    assert metadata["final_metrics"]["behavioral"]["engine"]["base"]["engine"] == "llama.cpp (f16)"
+
+    # The same artifact evaluated by `eval` on both paths: the same outputs and decisions, row by row.
+    outputs = {}
+    for engine in ("reference", "llama.cpp"):
+        out = tmp_path / engine / "metrics.json"
+        assert main(["eval", "--config", str(gate_config), "--adapter", str(result.artifact_dir), "--output",
+                     str(out), "--set", f"inference.engine={engine}", "--set", "inference.quant=f16", "--set",
+                     f"inference.cache_dir={tmp_path / 'cache'}"]) == 0
+        rows = [json.loads(line) for line in (out.parent / "eval_predictions.jsonl").read_text().splitlines()]
+        assert {row["engine"] for row in rows} == {"reference" if engine == "reference" else "llama.cpp (f16)"}
+        outputs[engine] = [(row["model"], row["id"], row["output"], row["decision"]) for row in rows]
+    assert outputs["llama.cpp"] == outputs["reference"]

@@ -16,10 +16,11 @@ from kwanzaa_adapter.evaluation.runs import (
     comparison_table,
     evaluate,
     evaluate_base_and_adapter,
+    evaluate_with_and_without_gate,
     plot_comparison,
     write_predictions,
 )
-from kwanzaa_adapter.generation.engines import choose_engine
+from kwanzaa_adapter.generation.engines import choose_engines
 from kwanzaa_adapter.generation.gate import AnswerabilityGate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
@@ -80,18 +81,23 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
     log.info("behavioral evaluation on %d examples", len(items))
     started = time.perf_counter()
     gated = with_adapter and gate is not None and config.gate.apply
-    engines = {"base": choose_engine(config, model, tokenizer, base_digest=base_digest, with_adapter=False)}
-    if with_adapter:
-        engines["adapter"] = choose_engine(config, model, tokenizer, base_digest=base_digest, with_adapter=True,
-                                           gate_layer=gate.layer if gated else None)
-        base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options, engines=engines)
+    wanted = {"base": (False, None), **({"adapter": (True, gate.layer if gated else None)} if with_adapter else {})}
+    engines = choose_engines(config, model, tokenizer, base_digest=base_digest, wanted=wanted)
+    base_engine = {"engine": engines["base"].engine, "engine_name": engines["base"].name}
+    adapter, gated_run = None, None
+    if not with_adapter:
+        base = evaluate(model, tokenizer, items, label="base", **options, **base_engine)
     else:
-        base, adapter = evaluate(model, tokenizer, items, label="base", **options,
-                                 engine=engines["base"].engine, engine_name=engines["base"].name), None
-    gated_run = None
-    if gated:
-        gated_run = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, **options,
-                             engine=engines["adapter"].engine, engine_name=engines["adapter"].name)
+        fast = engines["adapter"]
+        if gated and fast.engine is not None:  # one pass for both: each prompt pre-filled once
+            base = evaluate(model, tokenizer, items, label="base", **options, **base_engine)
+            adapter, gated_run = evaluate_with_and_without_gate(model, tokenizer, items, gate=gate, choice=fast,
+                                                                **options)
+        else:
+            base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options, engines=engines)
+            if gated:
+                gated_run = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, **options,
+                                     engine=fast.engine, engine_name=fast.name)
     report = BehaviorReport(base, adapter, time.perf_counter() - started, gated_run,
                             gate.describe() if gate is not None else None,
                             {label: choice.describe() for label, choice in engines.items()})

@@ -81,6 +81,30 @@ def evaluate_base_and_adapter(
     return base_run, adapter_run
 
 
+def evaluate_with_and_without_gate(
+    model, tokenizer, items: Sequence[EvalItem], *, gate: AnswerabilityGate, choice, max_new_tokens: int,
+    batch_size: int, progress: bool = True, grammar: SchemaGrammar | None = None, labels=("adapter", "adapter+gate"),
+) -> tuple[EvalRun, EvalRun]:
+    """The adapter without and with its gate in one pass of the fast engine (`choice.engine`): each
+    prompt is pre-filled once for both, and the two rows of a prompt decode side by side."""
+    from kwanzaa_adapter.generation.decoding import _encode, end_of_turn_ids
+
+    encoded = [_encode(tokenizer, item.prompt) for item in items]
+    result = choice.engine.generate(
+        tokenizer, encoded + encoded, max_new_tokens=max_new_tokens, batch_size=2 * batch_size,
+        stop_ids=end_of_turn_ids(model, tokenizer), progress=progress, grammar=grammar, gate=gate,
+        gated=[False] * len(items) + [True] * len(items))
+    runs = []
+    for half, label in enumerate(labels):
+        part = slice(half * len(items), (half + 1) * len(items))
+        decided = result.refuse[part] if half else [None] * len(items)
+        probabilities = result.refuse_probabilities[part] if half else [None] * len(items)
+        rows = [{**_row(item, output, label, refuse, p), "engine": choice.name}
+                for item, output, refuse, p in zip(items, result.outputs[part], decided, probabilities)]
+        runs.append(EvalRun(label, aggregate(rows), rows, result.tokens_per_second, choice.name))
+    return runs[0], runs[1]
+
+
 def _engine(choice) -> dict:
     return {} if choice is None else {"engine": choice.engine, "engine_name": choice.name}
 

@@ -136,13 +136,11 @@ class LlamaCppEngine:
         self.window = api.llama_model_n_ctx_train(self.model)
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.tap = _BlockTap(gate_layer, self.width) if gate_layer else None
-        self._context, self._shape = None, None
+        self._held = None  # (context, (sequences, tokens per sequence, batch), llama_batch)
         self.lock = threading.Lock()
 
     def close(self) -> None:
-        if self._context:
-            self.api.llama_free(self._context)
-            self._context = None
+        self._free()
         if self.model:
             self.api.llama_model_free(self.model)
             self.model = None
@@ -153,74 +151,101 @@ class LlamaCppEngine:
         except Exception:  # interpreter shutdown: the library may already be gone
             pass
 
-    # --- the KV cache and batches
+    # --- the context, batches, pre-fill
 
-    def _context_for(self, sequences: int, tokens: int, longest: int, tapped: bool):
-        """A context holding `sequences` sequences of `tokens` in all; reused while it is big enough."""
-        shape = (sequences, tokens, longest, tapped)
-        if self._context is not None and self._shape[3] == tapped and all(
-                have >= need for have, need in zip(self._shape[:3], shape[:3])):
-            self.api.llama_memory_clear(self.api.llama_get_memory(self._context), True)
-            return self._context
-        if self._context is not None:
-            self.api.llama_free(self._context)
-            self._context = None
-        params = self.api.llama_context_default_params()
-        params.n_ctx = tokens
-        params.n_batch = params.n_ubatch = max(longest, sequences)
-        params.n_seq_max = sequences
-        params.kv_unified = True
-        params.no_perf = True
-        params.n_threads = params.n_threads_batch = self.threads
-        if tapped:
-            params.cb_eval = self.tap.callback
-        context = self.api.llama_init_from_model(self.model, params)
-        if not context:
-            raise EngineUnavailable(f"llama.cpp cannot make a context of {tokens} tokens for {sequences} sequences")
-        self._context, self._shape = context, shape
-        self._batch = self.api.llama_batch_init(max(longest, sequences), 0, sequences)
-        return context
+    def _context(self, sequences: int, tokens: int, batch: int):
+        """The context for `sequences` sequences of `tokens` each, pre-filled `batch` tokens at a time,
+        cleared; remade only when it must grow. Each sequence has its own KV stream (not one unified
+        cache), so that a step attends over its own tokens only, not over every sequence's."""
+        held, need = self._held, (sequences, tokens, batch)
+        if held is None or any(have < n for have, n in zip(held[1], need)):
+            shape = tuple(max(have, n) for have, n in zip(held[1], need)) if held is not None else need
+            self._free()
+            params = self.api.llama_context_default_params()
+            params.n_ctx, params.n_seq_max = shape[0] * shape[1], shape[0]
+            params.n_batch = params.n_ubatch = shape[2]
+            params.kv_unified, params.no_perf = False, True
+            params.n_threads = params.n_threads_batch = self.threads
+            if self.tap is not None:
+                params.cb_eval = self.tap.callback
+            context = self.api.llama_init_from_model(self.model, params)
+            if not context:
+                raise EngineUnavailable(f"llama.cpp cannot make a context of {shape[0]} x {shape[1]} tokens")
+            held = self._held = (context, shape, self.api.llama_batch_init(max(shape[0], shape[2]), 0, shape[0]))
+        self.api.llama_memory_clear(self.api.llama_get_memory(held[0]), True)
+        return held
 
-    def _decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> None:
+    def _free(self) -> None:
+        if self._held is not None:
+            self.api.llama_free(self._held[0])
+            self.api.llama_batch_free(self._held[2])
+            self._held = None
+
+    def _decode(self, held, entries: Sequence[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, sequence, wants_logits) entries."""
-        batch = self._batch
+        context, _, batch = held
         for i, (token, position, sequence, logits) in enumerate(entries):
             batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, position, 1
             batch.seq_id[i][0], batch.logits[i] = sequence, logits
         batch.n_tokens = len(entries)
-        status = self.api.llama_decode(self._context, batch)
+        status = self.api.llama_decode(context, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed ({status}): the KV cache is too small for the batch")
 
-    def _logits(self, index: int) -> torch.Tensor:
-        pointer = self.api.llama_get_logits_ith(self._context, index)
+    def _logits(self, held, index: int) -> torch.Tensor:
+        pointer = self.api.llama_get_logits_ith(held[0], index)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy())
 
     def prompt_logits(self, prompt: Sequence[int]) -> torch.Tensor:
         """Next-token logits at every position of one prompt (tokens x vocab): for logits checks."""
         with self.lock:
-            self._context_for(1, len(prompt), len(prompt), False)
-            self._decode([(token, position, 0, True) for position, token in enumerate(prompt)])
-            return torch.stack([self._logits(i) for i in range(len(prompt))])
+            held = self._context(1, len(prompt), len(prompt))
+            self._decode(held, [(token, position, 0, True) for position, token in enumerate(prompt)])
+            return torch.stack([self._logits(held, i) for i in range(len(prompt))])
+
+    def _prefill(self, held, prompt: list[int], sequences: Sequence[int], features: bool):
+        """Pre-fill one prompt once, into the first of `sequences`, and copy it to the others (llama.cpp
+        copies the KV stream at the next decode): (last position's logits, the gate block's output
+        there, or None)."""
+        if features:
+            self.tap.armed, self.tap.value = True, None
+        try:
+            self._decode(held, [(token, position, sequences[0], position == len(prompt) - 1)
+                                for position, token in enumerate(prompt)])
+        finally:
+            if self.tap is not None:
+                self.tap.armed = False
+        memory = self.api.llama_get_memory(held[0])
+        for sequence in sequences[1:]:
+            self.api.llama_memory_seq_cp(memory, sequences[0], sequence, -1, -1)
+        return self._logits(held, -1), (torch.from_numpy(self.tap.value) if features else None)
 
     # --- decoding
 
     def generate(self, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int,
                  stop_ids: Sequence[int], progress: bool = True, grammar: SchemaGrammar | None = None,
-                 gate: AnswerabilityGate | None = None, forced: Sequence[bool] | None = None):
-        """Greedy decoding of token-id prompts in batches; a `GenerationResult` in prompt order."""
+                 gate: AnswerabilityGate | None = None, forced: Sequence[bool] | None = None,
+                 gated: Sequence[bool] | None = None):
+        """Greedy decoding of token-id prompts in batches; a `GenerationResult` in prompt order.
+
+        With a `gate`, `gated` (one flag per prompt, default all) says which prompts it decides: the
+        same prompt given gated and not (the adapter with and without its gate) is pre-filled once."""
         from kwanzaa_adapter.generation.decoding import GenerationResult, _until_stop
 
         if forced is not None and len(forced) != len(prompts):
             raise ValueError(f"{len(forced)} forced decisions for {len(prompts)} prompts")
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+        if gated is not None and len(gated) != len(prompts):
+            raise ValueError(f"{len(gated)} gate flags for {len(prompts)} prompts")
+        # Longest first, so that each batch's context is sized for its own prompts; equal prompts side by side.
+        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i]))
         rows: list[Row | None] = [None] * len(prompts)
         started = time.perf_counter()
         bar = tqdm(total=len(prompts), desc=f"generating ({self.name})", unit="prompt", disable=not progress)
         for first in range(0, len(order), batch_size):
             indices = order[first: first + batch_size]
             batch = [Row(list(prompts[i]), max_new_tokens, grammar.constraint() if grammar else None,
-                         gated=gate is not None and forced is None, refuse=forced[i] if forced is not None else None)
+                         gated=gate is not None and forced is None and (gated is None or gated[i]),
+                         refuse=forced[i] if forced is not None else None)
                      for i in indices]
             for _ in self.decode(tokenizer, batch, stop_ids, gate if forced is None else None,
                                  hold=gate is not None or forced is not None):
@@ -244,8 +269,9 @@ class LlamaCppEngine:
                hold: bool | None = None) -> Iterator[tuple[int, int]]:
         """Decode `rows` together, yielding (row index, token) as each token is chosen; holds the engine.
 
-        Each row is pre-filled into its own sequence (the gate reads its features there, for the rows
-        it decides), then all unfinished rows advance one token per `llama_decode`. A row ends at an
+        Each prompt is pre-filled once (the gate reads its features there, for the rows it decides)
+        and copied into the sequence of every other row that has it; then all unfinished rows advance
+        one token per `llama_decode`. A row ends at an
         end-of-turn token (yielded too), at its limit, or when its consumer sets `done`. `hold`
         (default: with a gate) holds each decided row to its decision (`GateLogits.hold`).
         """
@@ -260,28 +286,16 @@ class LlamaCppEngine:
         if longest > self.window:
             raise ValueError(f"a prompt and its new tokens ({longest}) exceed the model's context window of "
                              f"{self.window} tokens")
-        self._context_for(len(rows), sum(len(row.prompt) + row.max_new_tokens for row in rows),
-                          max(len(row.prompt) for row in rows), tapped)
+        decoder = self._context(len(rows), longest, max(len(row.prompt) for row in rows))
         holding = GateLogits(tokenizer, 0, forced=[False]) if hold else None
-        scores: list[torch.Tensor | None] = []
-        for sequence, row in enumerate(rows):
-            if tapped:
-                self.tap.armed, self.tap.value = row.gated, None
-            try:
-                self._decode([(token, position, sequence, position == len(row.prompt) - 1)
-                              for position, token in enumerate(row.prompt)])
-            finally:
-                if self.tap is not None:
-                    self.tap.armed = False
-            if tapped and row.gated:
-                probability = gate.refuse_probability(torch.from_numpy(self.tap.value)[None])
-                row.refuse, row.probability = gate.refuses(probability)[0], round(float(probability[0]), 4)
-            scores.append(self._logits(-1))
+        scores: list[torch.Tensor | None] = [None] * len(rows)
+        follows, slots = self._prefill_rows(decoder, rows, gate if tapped else None, scores)
         while True:
-            entries = []
-            for sequence, (row, row_scores) in enumerate(zip(rows, scores)):
+            decoding, parting = [], []
+            for index, row in enumerate(rows):
                 if row.done:
                     continue
+                row_scores = scores[index]
                 if row.constraint is not None:
                     row_scores = row.constraint.restrict(row_scores)
                 if holding is not None and row.refuse is not None:
@@ -291,7 +305,7 @@ class LlamaCppEngine:
                 stop = token in stop_ids
                 if row.constraint is not None and not stop:
                     row.constraint.advance(token)
-                yield sequence, token
+                yield index, token
                 if row.done:  # its consumer ended it
                     continue
                 if stop:
@@ -300,12 +314,74 @@ class LlamaCppEngine:
                 if len(row.tokens) >= row.max_new_tokens or (row.json_only and _not_json(tokenizer, row.tokens)):
                     row.done = True
                     continue
-                entries.append((token, len(row.prompt) + len(row.tokens) - 1, sequence, True))
-            if not entries:
+                leader = follows.get(index)
+                if leader is not None:
+                    if leader in decoding and rows[leader].tokens[-1] == token:
+                        continue  # the same token after the same tokens: the leader's decoding serves both
+                    parting.append((index, follows.pop(index)))  # its own copy of the leader's KV from now on
+                decoding.append(index)
+            if not decoding:
                 return
-            self._decode(entries)
-            live = iter(range(len(entries)))
-            scores = [None if row.done else self._logits(next(live)) for row in rows]
+            self._arrange(decoder, slots, decoding, parting)
+            decoding.sort(key=slots.__getitem__)
+            self._decode(decoder, [(rows[i].tokens[-1], len(rows[i].prompt) + len(rows[i].tokens) - 1, slots[i], True)
+                                   for i in decoding])
+            for position, index in enumerate(decoding):
+                scores[index] = self._logits(decoder, position)
+            for index, leader in follows.items():
+                scores[index] = scores[leader]
+
+    def _arrange(self, decoder, slots: dict[int, int], decoding: list[int], parting: list[tuple[int, int]]) -> None:
+        """Give the rows decoding this step the KV sequences 0..n-1, in the order of those they hold.
+
+        llama.cpp puts the tokens of separate KV streams into one micro-batch only where their
+        sequence ids follow each other (`split_equal`): a gap left by a finished row would split
+        each step into several graph computations. So a parting follower first gets a copy of its
+        leader's KV (read where it is now), rows that no longer decode give their sequence up, and
+        the others move down into the gaps. llama.cpp performs the copies, in order, at the next
+        decode."""
+        memory = self.api.llama_get_memory(decoder[0])
+        taken = set(slots.values())
+        free = (sequence for sequence in range(decoder[1][0]) if sequence not in taken)
+        for index, leader in parting:
+            slots[index] = next(free)
+            self.api.llama_memory_seq_cp(memory, slots[leader], slots[index], -1, -1)
+        active = set(decoding)
+        for index in [i for i in slots if i not in active]:
+            self.api.llama_memory_seq_rm(memory, slots.pop(index), -1, -1)
+        for target, index in enumerate(sorted(decoding, key=slots.__getitem__)):
+            if slots[index] != target:
+                self.api.llama_memory_seq_cp(memory, slots[index], target, -1, -1)
+                self.api.llama_memory_seq_rm(memory, slots[index], -1, -1)
+                slots[index] = target
+
+    def _prefill_rows(self, decoder, rows: list[Row], gate: AnswerabilityGate | None,
+                      scores: list) -> tuple[dict[int, int], dict[int, int]]:
+        """Pre-fill each distinct prompt once, decide the gated rows, and set each row's first scores:
+        ({follower: leader}, {row: its KV sequence}).
+
+        Greedy rows of one prompt share one sequence while they choose the same tokens. A follower
+        parts when its token differs (the gate held it elsewhere, say) and then decodes on its own
+        copy of the leader's KV; sampled rows get their own copy at once."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(tuple(row.prompt), []).append(index)
+        follows, slots = {}, {}
+        for prompt, indices in groups.items():
+            leader, *others = indices
+            shares = [i for i in others if rows[i].sample is None and rows[leader].sample is None]
+            follows.update({i: leader for i in shares})
+            own = [leader, *(i for i in others if i not in shares)]
+            slots.update({i: len(slots) for i in own})
+            features = gate is not None and any(rows[i].gated for i in indices)
+            logits, hidden = self._prefill(decoder, list(prompt), [slots[i] for i in own], features)
+            probability = gate.refuse_probability(hidden[None]) if features else None
+            for index in indices:
+                scores[index] = logits
+                if features and rows[index].gated:
+                    rows[index].refuse = gate.refuses(probability)[0]
+                    rows[index].probability = round(float(probability[0]), 4)
+        return follows, slots
 
 
 def sampler(temperature: float, top_p: float, generator: torch.Generator | None = None):
