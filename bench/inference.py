@@ -50,19 +50,22 @@ def newest_demo_artifact() -> Path:
 
 
 def load(args):
-    """(reference model, fast EngineChoice): one verified load; the fast engine derives from that model."""
+    """(reference model, fast EngineChoice, Q8_0 EngineChoice): one verified load; the fast engines derive
+    from that model (the shipped weight type, and Q8_0 for the comparison with llama-bench)."""
     from kwanzaa_adapter.backend.models import model_from_config
     from kwanzaa_adapter.config import load_training_config
     from kwanzaa_adapter.generation.engines import choose_engine
 
-    overrides = ("inference.engine=reference", f"inference.threads={args.threads}")
-    config = load_training_config(args.config, overrides)
+    config = load_training_config(args.config, ("inference.engine=reference", f"inference.threads={args.threads}"))
     served = model_from_config(config, adapter=args.adapter)
-    fast_config = load_training_config(args.config, ("inference.engine=llama.cpp", f"inference.quant={args.quant}",
-                                                     f"inference.threads={args.threads}"))
-    choice = choose_engine(fast_config, served.model, served.tokenizer, base_digest=served.base_digest,
-                           with_adapter=True, gate_layer=served.gate.layer if served.gate is not None else None)
-    return served, choice
+    choices = []
+    for quant in (args.quant, "q8_0"):
+        fast_config = load_training_config(args.config, ("inference.engine=llama.cpp", f"inference.quant={quant}",
+                                                         f"inference.threads={args.threads}"))
+        choices.append(choose_engine(fast_config, served.model, served.tokenizer, base_digest=served.base_digest,
+                                     with_adapter=True,
+                                     gate_layer=served.gate.layer if served.gate is not None else None))
+    return served, *choices
 
 
 # --------------------------------------------------------------------------- speed
@@ -105,16 +108,18 @@ def llama_bench(gguf: Path, new_tokens: int, threads: int) -> float:
     return float(json.loads(done.stdout)[0]["avg_ts"])
 
 
-def measure_speed(served, engine, args) -> dict:
+def measure_speed(served, engine, q8_engine, args) -> dict:
     prompt = first_eval_prompt(served)
-    sides = {"reference": [], "fast": [], "llamacpp": []}
+    sides = {"reference": [], "fast": [], "fast_q8_0": [], "llamacpp": []}
     tokens = {}
     for run in range(args.runs):  # interleaved: each side sees the same machine state
         speed, tokens["reference"] = reference_decode(served, prompt, args.new_tokens)
         sides["reference"].append(speed)
         speed, tokens["fast"] = fast_decode(served, engine, prompt, args.new_tokens)
         sides["fast"].append(speed)
-        sides["llamacpp"].append(llama_bench(engine.path, args.new_tokens, args.threads))
+        speed, tokens["fast_q8_0"] = fast_decode(served, q8_engine, prompt, args.new_tokens)
+        sides["fast_q8_0"].append(speed)
+        sides["llamacpp"].append(llama_bench(q8_engine.path, args.new_tokens, args.threads))
         tokens["llamacpp"] = args.new_tokens
         print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.1f} tok/s ({tokens[k]} tokens)" for k, v in sides.items()),
               flush=True)
@@ -162,16 +167,20 @@ def agreement(served, engine, path: Path, gate) -> dict:
 
 
 def gguf_check(args) -> dict:
+    """`export --format gguf` for each weight type: its logits check against the model as trained."""
     from kwanzaa_adapter.backend.gguf_export import GgufCheckError, export_gguf
     from kwanzaa_adapter.config import load_training_config
 
     config = load_training_config(args.config, ())
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            _, check = export_gguf(args.adapter, Path(tmp) / "gguf", config, quant=args.quant)
-        except GgufCheckError as exc:
-            return {"gguf_logits_ok": False, "gguf_check": str(exc)}
-    return {"gguf_logits_ok": check.passed, "gguf_check": check.as_json()}
+    checks = {}
+    for quant in ("q8_0", "bf16", "f16"):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                checks[quant] = export_gguf(args.adapter, Path(tmp) / "gguf", config, quant=quant)[1].as_json()
+            except GgufCheckError as exc:
+                checks[quant] = {"passed": False, "error": str(exc)}
+        print(f"GGUF {quant}: {json.dumps(checks[quant])}", flush=True)
+    return {"gguf_logits_ok": all(check["passed"] for check in checks.values()), "gguf_checks": checks}
 
 
 def main(argv=None) -> int:
@@ -181,7 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="speed runs per side (medians)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quant", default="q8_0", choices=("q8_0", "bf16", "f16"))
+    parser.add_argument("--quant", default="auto", choices=("auto", "q8_0", "bf16", "f16"),
+                        help="the fast engine's weight type (default: what inference.quant auto picks here)")
     parser.add_argument("--skip-agreement", action="store_true", help="speed and GGUF only")
     args = parser.parse_args(argv)
     args.adapter = args.adapter or newest_demo_artifact()
@@ -189,11 +199,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    served, choice = load(args)
+    served, choice, q8 = load(args)
     engine = choice.engine
     print(f"artifact {args.adapter}; CPU class {cpu_class()}; reference: 4-bit NF4 base + LoRA computing in "
-          f"{served.precision.resolved}; fast: {choice.name}, {args.threads} threads", flush=True)
-    result = {"engine": choice.name, **measure_speed(served, engine, args)}
+          f"{served.precision.resolved}; fast: {choice.name}, {args.threads} threads; llama-bench on {q8.name}",
+          flush=True)
+    result = {"engine": choice.name, **measure_speed(served, engine, q8.engine, args)}
     result["fast_vs_llamacpp"] = round(result["fast_tok_s"] / result["llamacpp_tok_s"], 3)
     result["fast_vs_reference"] = round(result["fast_tok_s"] / result["reference_tok_s"], 2)
     if not args.skip_agreement:
@@ -210,7 +221,8 @@ def main(argv=None) -> int:
         result["rates_max_delta_records"] = max(run["rates_max_delta_records"] for run in runs)
     result.update(gguf_check(args))
     result.update({"cpu_class": cpu_class(), "precision": {"reference": served.precision.resolved,
-                                                           "fast": args.quant}, "threads": args.threads,
+                                                           "fast": choice.name, "llamacpp": "q8_0"},
+                   "threads": args.threads,
                    "targets": TARGETS})
     print(json.dumps(result))
     return 0

@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from kwanzaa_adapter.backend.gguf_export import GGUF_TOLERANCE
 from kwanzaa_adapter.generation.decoding import generate
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, prompt_features
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
@@ -106,7 +107,7 @@ def _versus_reference(model, tokenizer, gguf) -> tuple[float, float, float, bool
     settings = dict(max_new_tokens=16, batch_size=1, progress=False)
     same_tokens = (generate(model, tokenizer, _prompts()[1:2], **settings).token_ids
                    == generate(model, tokenizer, _prompts()[1:2], **settings, engine=engine).token_ids)
-    return (float((fast - reference).abs().max()), 0.02 * float(reference.abs().max()),  # GGUF_TOLERANCE["f16"]
+    return (float((fast - reference).abs().max()), GGUF_TOLERANCE["f16"] * float(reference.abs().max()),
             float((fast.argmax(-1) == reference.argmax(-1)).float().mean()), same_tokens)
 
 

@@ -6,7 +6,8 @@ de-quantized base + LoRA delta (`modeling.derived.write_merged`) converted by ll
 `convert_hf_to_gguf.py`. llama.cpp then loads the file it wrote, and its logits on the sample
 prompts are compared with the model as trained (4-bit base + adapter, computing in float32):
 the largest |difference| must stay within a share of the largest |logit| that depends on the
-weight type (`GGUF_TOLERANCE`), and the greedy token must agree at every position. The directory
+weight type (`GGUF_TOLERANCE`), and the greedy token must agree at nearly every position
+(`GGUF_MIN_AGREEMENT`). The directory
 holds `model.gguf`, the check, a provenance record and a card, sealed with `checksums.json` and
 written atomically: a failed check leaves nothing behind.
 
@@ -36,11 +37,15 @@ from kwanzaa_adapter.modeling.derived import GGUF_FILE, convert_to_gguf, convert
 from kwanzaa_adapter.modeling.loading import resolve_device
 from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact, verify_artifact
 
-# Max |logit difference| from the model as trained, as a share of its largest |logit|. Measured
-# (bench/inference.py, NOTES.md): f16 and bf16 round each weight once (relative spacing 2^-11 and
-# 2^-8), Q8_0 stores blocks of 32 weights as 8-bit integers with one scale (about 2^-8 of the
-# block's largest); llama.cpp also computes its activations in its own precision.
-GGUF_TOLERANCE = {"f16": 0.02, "bf16": 0.05, "q8_0": 0.08}
+# Max |logit difference| from the model as trained, as a share of its largest |logit|, and the least
+# share of positions with the same greedy token, per weight type. Measured on the demo adapter
+# (SmolLM2-135M, 519 positions of the sample prompts, bench/inference.py, bf16-class CPU): f16 1.4% and
+# 0.992, bf16 2.1% and 0.992, Q8_0 6.3% and 0.936 (f16 and bf16 round each weight once; Q8_0 stores
+# blocks of 32 weights as 8-bit integers with one scale; llama.cpp keeps its KV cache in f16). The
+# limits leave room above those and still fail a wrong merge: one q_proj's LoRA B zeroed (of 70) moved
+# the logits by 12% of the largest, the adapter left out by 76%.
+GGUF_TOLERANCE = {"f16": 0.03, "bf16": 0.04, "q8_0": 0.10}
+GGUF_MIN_AGREEMENT = {"f16": 0.98, "bf16": 0.98, "q8_0": 0.90}
 GGUF_CHECK_FILE = "gguf_logit_check.json"
 GGUF_RECORD = "kwanzaa_gguf_export.json"
 GGUF_CARD = "README.md"
@@ -62,18 +67,20 @@ class GgufCheck:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.top1_agreement == 1.0
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement >= GGUF_MIN_AGREEMENT[self.quant]
 
     def as_json(self) -> dict:
         return {"quant": self.quant, "positions": self.positions, "max_abs_logit": self.max_abs_logit,
                 "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
                 "tolerance_rule": f"{GGUF_TOLERANCE[self.quant]} x the largest |logit| (model as trained)",
-                "top1_agreement": self.top1_agreement, "passed": self.passed}
+                "top1_agreement": self.top1_agreement, "min_top1_agreement": GGUF_MIN_AGREEMENT[self.quant],
+                "passed": self.passed}
 
     def summary(self) -> str:
         return (f"llama.cpp ({self.quant}) vs the model as trained over {self.positions} positions: max |diff| "
                 f"{self.max_abs_diff:.3e}, tolerance {self.tolerance:.3e} ({GGUF_TOLERANCE[self.quant]} x the largest "
-                f"|logit| {self.max_abs_logit:.2f}); greedy token agreement {self.top1_agreement:.3f}: "
+                f"|logit| {self.max_abs_logit:.2f}); greedy token agreement {self.top1_agreement:.3f} (at least "
+                f"{GGUF_MIN_AGREEMENT[self.quant]}): "
                 f"{'passed' if self.passed else 'FAILED'}")
 
 
