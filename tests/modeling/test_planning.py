@@ -63,6 +63,24 @@ def test_estimate_counts_epochs_evaluations_and_both_generation_passes(demo_conf
     assert "total" in eta.format() and "600 GFLOP/s" in eta.format()
 
 
+def test_the_fast_engine_prefills_twice_and_decodes_once(demo_config):
+    arch = demo_config.model.architecture
+    train = planning.SplitCounts(((460, 110),) * 20)
+    evaluation = planning.SplitCounts(((300, 100),) * 84)
+    settings = dict(peak_flops=765e9, precision="bfloat16", checkpointing=False, gate_prompts=(300,) * 10,
+                    gate_depth=20)
+    reference = planning.estimate_time(demo_config, arch, train, evaluation, **settings)
+    fast = planning.estimate_time(demo_config, arch, train, evaluation, **settings, fast_engine=True)
+    prefill, decode, _ = planning.generation_flops(arch, evaluation.rows, demo_config.evaluation.batch_size,
+                                                   demo_config.evaluation.max_new_tokens)
+    share = planning.FAST_ENGINE_UTILISATION
+    derive = planning.DERIVE_SECONDS + planning.DERIVE_SECONDS_PER_PARAMETER * arch.num_parameters
+    assert fast.phases["behavioral evaluation"] == pytest.approx(
+        derive + (2 * prefill / share["prefill"] + decode / share["decode"]) / 765e9)
+    assert fast.phases["behavioral evaluation"] < reference.phases["behavioral evaluation"] / 2
+    assert fast.details["behavioral evaluation"].startswith("llama.cpp: 2 pre-fills x 84 prompts")
+
+
 @pytest.mark.slow
 def test_estimate_is_within_a_stated_factor_of_a_real_short_run(tmp_path, monkeypatch):
     """A short run of the demo (the 135M model, 16 rows, 8 steps, 6 eval prompts) against its own dry run."""

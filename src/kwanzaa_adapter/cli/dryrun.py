@@ -130,8 +130,13 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
     from kwanzaa_adapter.training.gate_fitting import candidate_layers
 
     depth = max(candidate_layers(config.gate.layers, arch.num_hidden_layers)) if gate_prompts else None
+    # The behavioral evaluation runs on llama.cpp where inference.engine lets it and the engine is built.
+    import importlib.util
+
+    fast = (config.inference.engine != "reference" and precision.device == "cpu"
+            and importlib.util.find_spec("llama_cpp") is not None)
     return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing,
-                         gate_prompts=gate_prompts, gate_depth=depth)
+                         gate_prompts=gate_prompts, gate_depth=depth, fast_engine=fast)
 
 
 def preference_plan(config: KwanzaaConfig) -> str:
