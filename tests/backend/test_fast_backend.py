@@ -115,3 +115,27 @@ def test_gguf_export_refuses_an_existing_directory_and_an_unverified_artifact(ti
     code = main(["export", "--config", str(config), "--adapter", str(tampered), "--merge", str(tmp_path / "o2"),
                  "--format", "gguf"])
     assert code == 1 and not (tmp_path / "o2").exists()
+
+
+def test_gated_serving_batches_on_the_fast_engine_decide_as_the_reference(both, tokenizer):
+    import torch
+
+    from kwanzaa_adapter.generation.gate import AnswerabilityGate, prompt_features
+
+    reference, fast = both
+    ids = [prompt_ids(tokenizer, q) for q in QUESTIONS]
+    features = prompt_features(reference.model, tokenizer, ids, [1])[1]
+    torch.manual_seed(5)
+    gate = AnswerabilityGate(1, 0.5, torch.randn(features.shape[1]), torch.zeros(1), features.mean(0),
+                             features.std(0) + 1e-3)
+    outcomes = []
+    for model, engine in ((reference, None), (fast, LlamaCppEngine(fast.fast.path, gate_layer=1))):
+        batcher = BatchEngine(model.model, model.tokenizer, max_batch_size=8, gather_s=0.3, gate=gate, fast=engine)
+        tickets = [Ticket(i, 10, Collector(), gated=n != 1) for n, i in enumerate(ids)]  # the second ungated
+        for ticket in tickets:
+            batcher.submit(ticket)
+        outcomes.append([(ticket.emit.result()[0], ticket.ids, ticket.gate and ticket.gate["decision"])
+                         for ticket in tickets])
+        batcher.close()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][1][2] is None and all(o[2] in ("answer", "refuse") for o in outcomes[1][::2])
