@@ -148,12 +148,7 @@ def export_merged(adapter: str | Path, out: str | Path, config: KwanzaaConfig | 
     (merged vs the model as trained) to the rule of AS_TRAINED_EPS.
     """
     adapter, out = Path(adapter), Path(out)
-    # Trusted keys come from the caller and the caller's config, never from the artifact's own config.
-    trusted = (*trusted_keys, *(config.artifacts.trusted_keys if config else ()))
-    verified = verify_adapter_artifact(adapter, trusted)
-    if config is None:
-        config = config_from_yaml_text((adapter / "training_config.yaml").read_text(encoding="utf-8"),
-                                       str(adapter / "training_config.yaml"))
+    verified, config = verified_with_config(adapter, config, trusted_keys)
     with atomic_directory(out) as staging:  # refuses an existing `out` before any model loads
         device = resolve_device(config.training.device)
         model, trained = load_as_trained(config, verified, device, allow_base_mismatch)
@@ -175,6 +170,19 @@ def export_merged(adapter: str | Path, out: str | Path, config: KwanzaaConfig | 
     if not report.ok:
         raise MergeCheckError(f"the exported model failed verification:\n{report.format()}")
     return ExportResult(out, check)
+
+
+def verified_with_config(adapter: Path, config: KwanzaaConfig | None, trusted_keys: tuple
+                         ) -> tuple[VerifiedArtifact, KwanzaaConfig]:
+    """The artifact verified (with the caller's trusted keys), then the config: the caller's, or the
+    artifact's own training_config.yaml (the base model it was trained on)."""
+    # Trusted keys come from the caller and the caller's config, never from the artifact's own config.
+    trusted = (*trusted_keys, *(config.artifacts.trusted_keys if config else ()))
+    verified = verify_adapter_artifact(adapter, trusted)
+    if config is None:
+        config = config_from_yaml_text((adapter / "training_config.yaml").read_text(encoding="utf-8"),
+                                       str(adapter / "training_config.yaml"))
+    return verified, config
 
 
 def load_as_trained(config: KwanzaaConfig, verified: VerifiedArtifact, device: str,

@@ -103,11 +103,7 @@ def export_gguf(adapter: str | Path, out: str | Path, config: KwanzaaConfig | No
     if quant not in GGUF_TOLERANCE:
         raise ValueError(f"--quant must be one of {sorted(GGUF_TOLERANCE)}, got {quant!r}")
     adapter, out = Path(adapter), Path(out)
-    trusted = (*trusted_keys, *(config.artifacts.trusted_keys if config else ()))
-    verified = verify_adapter_artifact(adapter, trusted)
-    if config is None:
-        config = config_from_yaml_text((adapter / "training_config.yaml").read_text(encoding="utf-8"),
-                                       str(adapter / "training_config.yaml"))
+    verified, config = verified_with_config(adapter, config, trusted_keys)
     with atomic_directory(out) as staging:
         device = resolve_device(config.training.device)
         model, trained = load_as_trained(config, verified, device, allow_base_mismatch)
