@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import Collector, prompt_ids
+from tiny_artifact import copy_artifact, flip_last_byte, tiny_artifact  # noqa: F401
+
 from kwanzaa_adapter.backend.gguf_export import GGUF_REQUIRED, export_gguf
 from kwanzaa_adapter.backend.models import model_from_config
 from kwanzaa_adapter.backend.serving.batching import BatchEngine, Ticket
@@ -18,7 +19,6 @@ from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
 from kwanzaa_adapter.modeling.derived import GGUF_FILE
 from kwanzaa_adapter.modeling.loading import AdapterVerificationError
 from kwanzaa_adapter.safety.artifacts import verify_artifact
-from tiny_artifact import copy_artifact, flip_last_byte, tiny_artifact  # noqa: F401
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
 

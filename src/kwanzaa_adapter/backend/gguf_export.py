@@ -24,18 +24,27 @@ from pathlib import Path
 import torch
 
 from kwanzaa_adapter.backend.export import (
-    write_json,
     load_as_trained,
     logits,
     sample_prompt_ids,
+    verified_with_config,
+    write_json,
 )
-from kwanzaa_adapter.backend.models.causal_lm import verify_adapter_artifact
-from kwanzaa_adapter.config import KwanzaaConfig, config_from_yaml_text
+from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.generation.gate import GATE_FILE
 from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
-from kwanzaa_adapter.modeling.derived import GGUF_FILE, convert_to_gguf, converter_version, write_merged
+from kwanzaa_adapter.modeling.derived import (
+    GGUF_FILE,
+    convert_to_gguf,
+    converter_version,
+    write_merged,
+)
 from kwanzaa_adapter.modeling.loading import resolve_device
-from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact, verify_artifact
+from kwanzaa_adapter.safety.artifacts import (
+    atomic_directory,
+    seal_artifact,
+    verify_artifact,
+)
 
 # Max |logit difference| from the model as trained, as a share of its largest |logit|, and the least
 # share of positions with the same greedy token, per weight type. Measured on the demo adapter

@@ -84,7 +84,7 @@ class _BlockTap:
 
     def _observe(self, tensor, ask, _data) -> bool:
         if not self.armed:
-            return False if ask else True
+            return not ask  # unarmed: nothing asked for, and nothing to stop
         lib = _ggml()
         if ask:
             return lib.ggml_get_name(tensor) == self.name
