@@ -212,6 +212,7 @@ def main(argv=None) -> int:
           flush=True)
     result = {"engine": choice.name, **measure_speed(served, engine, q8.engine, args)}
     result["fast_vs_llamacpp"] = round(result["fast_tok_s"] / result["llamacpp_tok_s"], 3)
+    result["fast_q8_0_vs_llamacpp"] = round(result["fast_q8_0_tok_s"] / result["llamacpp_tok_s"], 3)  # same file
     result["fast_vs_reference"] = round(result["fast_tok_s"] / result["reference_tok_s"], 2)
     if not args.skip_agreement:
         gates = {"gate_off": None} | ({"gate_on": served.gate} if served.gate is not None else {})
