@@ -114,6 +114,20 @@ def generate(
     return GenerationResult(outputs, counted, time.perf_counter() - start, new_ids, refuse, probabilities)
 
 
+def sampler(temperature: float, top_p: float, generator: torch.Generator | None = None):
+    """Temperature and nucleus (top-p) sampling of one row of scores; None (greedy) at temperature 0."""
+    if temperature <= 0:
+        return None
+
+    def sample(scores: torch.Tensor) -> int:
+        probabilities = torch.softmax(scores.float() / temperature, dim=-1)
+        ordered, indices = torch.sort(probabilities, descending=True)
+        keep = torch.cumsum(ordered, dim=-1) - ordered < top_p  # the smallest set reaching top_p
+        kept = ordered * keep
+        return int(indices[torch.multinomial(kept / kept.sum(), 1, generator=generator)])
+    return sample
+
+
 class NotAJsonObject(StoppingCriteria):
     """Ends a sequence as soon as its output cannot be a JSON object (first visible char not '{').
 

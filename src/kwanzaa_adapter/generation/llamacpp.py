@@ -384,20 +384,6 @@ class LlamaCppEngine:
         return follows, slots
 
 
-def sampler(temperature: float, top_p: float, generator: torch.Generator | None = None):
-    """Temperature and nucleus (top-p) sampling of one row of scores; None (greedy) at temperature 0."""
-    if temperature <= 0:
-        return None
-
-    def sample(scores: torch.Tensor) -> int:
-        probabilities = torch.softmax(scores.float() / temperature, dim=-1)
-        ordered, indices = torch.sort(probabilities, descending=True)
-        keep = torch.cumsum(ordered, dim=-1) - ordered < top_p  # the smallest set reaching top_p
-        kept = ordered * keep
-        return int(indices[torch.multinomial(kept / kept.sum(), 1, generator=generator)])
-    return sample
-
-
 def _not_json(tokenizer, tokens: list[int]) -> bool:
     """`NotAJsonObject`'s test: the visible output has begun and does not begin with '{'."""
     if len(tokens) > 4:

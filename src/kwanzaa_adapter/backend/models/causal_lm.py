@@ -21,11 +21,11 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.contract import Answer, parse_answer
 from kwanzaa_adapter.data.records import Document, RagRecord, render_record
-from kwanzaa_adapter.generation.decoding import end_of_turn_ids, generate
+from kwanzaa_adapter.generation.decoding import end_of_turn_ids, generate, sampler
 from kwanzaa_adapter.generation.engines import EngineChoice, choose_engine
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap, load_gate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
-from kwanzaa_adapter.generation.llamacpp import Row, sampler
+from kwanzaa_adapter.generation.llamacpp import Row
 from kwanzaa_adapter.modeling.loading import (
     AdapterVerificationError,
     ModelReferenceError,

@@ -29,9 +29,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding
+from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding, sampler
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap
-from kwanzaa_adapter.generation.llamacpp import Row, sampler
+from kwanzaa_adapter.generation.llamacpp import Row
 
 log = logging.getLogger(__name__)
 
