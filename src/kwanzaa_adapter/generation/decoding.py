@@ -105,7 +105,7 @@ def generate(
                     refuse[index] = holding.refuse[position]
                     probabilities[index] = holding.probabilities[position]
             for row, index in zip(generated[:, prompt_length:].tolist(), indices):
-                tokens, stopped = _until_stop(row, [*stop_ids, pad_id])
+                tokens, stopped = until_stop(row, [*stop_ids, pad_id])
                 new_ids[index] = tokens
                 counted += len(tokens) + stopped
                 outputs[index] = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -139,11 +139,14 @@ class NotAJsonObject(StoppingCriteria):
         self.tokenizer, self.prompt_length = tokenizer, prompt_length
 
     def __call__(self, input_ids: torch.LongTensor, scores=None, **kwargs) -> torch.BoolTensor:
-        done = []
-        for row in input_ids[:, self.prompt_length :].tolist():
-            text = self.tokenizer.decode(row[:4], skip_special_tokens=True).lstrip()
-            done.append(bool(text) and not text.startswith("{"))
+        done = [cannot_be_json(self.tokenizer, row) for row in input_ids[:, self.prompt_length :].tolist()]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def cannot_be_json(tokenizer, tokens: list[int]) -> bool:
+    """Whether new tokens can no longer open a JSON object: their visible text has begun, not with '{'."""
+    text = tokenizer.decode(tokens[:4], skip_special_tokens=True).lstrip()
+    return bool(text) and not text.startswith("{")
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:
@@ -163,7 +166,7 @@ def _encode(tokenizer, prompt: list[dict]) -> list[int]:
     return list(encoding["input_ids"])
 
 
-def _until_stop(row: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+def until_stop(row: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
     for position, token in enumerate(row):
         if token in stop_ids:
             return row[:position], True

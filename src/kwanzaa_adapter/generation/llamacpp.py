@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from kwanzaa_adapter.generation.decoding import GenerationResult, cannot_be_json, until_stop
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
@@ -132,7 +133,6 @@ class LlamaCppEngine:
         self.vocab = api.llama_model_get_vocab(self.model)
         self.vocab_size = api.llama_vocab_n_tokens(self.vocab)
         self.width = api.llama_model_n_embd(self.model)
-        self.layers = api.llama_model_n_layer(self.model)
         self.window = api.llama_model_n_ctx_train(self.model)
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.tap = _BlockTap(gate_layer, self.width) if gate_layer else None
@@ -230,8 +230,6 @@ class LlamaCppEngine:
 
         With a `gate`, `gated` (one flag per prompt, default all) says which prompts it decides: the
         same prompt given gated and not (the adapter with and without its gate) is pre-filled once."""
-        from kwanzaa_adapter.generation.decoding import GenerationResult, _until_stop
-
         if forced is not None and len(forced) != len(prompts):
             raise ValueError(f"{len(forced)} forced decisions for {len(prompts)} prompts")
         if gated is not None and len(gated) != len(prompts):
@@ -256,7 +254,7 @@ class LlamaCppEngine:
         bar.close()
         counted, outputs, ids = 0, [], []
         for row in rows:
-            tokens, stopped = _until_stop(row.tokens, list(stop_ids))
+            tokens, stopped = until_stop(row.tokens, list(stop_ids))
             counted += len(tokens) + stopped
             ids.append(tokens)
             outputs.append(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -311,7 +309,7 @@ class LlamaCppEngine:
                 if stop:
                     row.done = row.stopped = True
                     continue
-                if len(row.tokens) >= row.max_new_tokens or (row.json_only and _not_json(tokenizer, row.tokens)):
+                if len(row.tokens) >= row.max_new_tokens or (row.json_only and cannot_be_json(tokenizer, row.tokens)):
                     row.done = True
                     continue
                 leader = follows.get(index)
@@ -382,11 +380,3 @@ class LlamaCppEngine:
                     rows[index].refuse = gate.refuses(probability)[0]
                     rows[index].probability = round(float(probability[0]), 4)
         return follows, slots
-
-
-def _not_json(tokenizer, tokens: list[int]) -> bool:
-    """`NotAJsonObject`'s test: the visible output has begun and does not begin with '{'."""
-    if len(tokens) > 4:
-        return False
-    text = tokenizer.decode(tokens[:4], skip_special_tokens=True).lstrip()
-    return bool(text) and not text.startswith("{")
