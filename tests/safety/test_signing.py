@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import ROOT
 from helpers import running
@@ -18,6 +19,7 @@ from kwanzaa_adapter.backend.models import causal_lm, model_from_config
 from kwanzaa_adapter.backend.serving.schemas import ServeLimits
 from kwanzaa_adapter.backend.serving.server import create_app
 from kwanzaa_adapter.config import load_training_config
+from kwanzaa_adapter.safety.artifacts import seal_artifact
 from kwanzaa_adapter.safety import signing
 from kwanzaa_adapter.training.workflow import train_adapter
 from reliability.signatures import attack_name, build_signature_attacks, make_keys
@@ -124,6 +126,23 @@ def test_every_attack_is_refused_for_its_reason_before_any_weight_loads(tmp_path
     assert failures == []
 
 
+def test_an_adapter_swapped_after_verification_is_refused_when_attached(tiny_artifact, signed, keys, monkeypatch):
+    """The base model loads between the first check and attachment (minutes for a 7B): weights swapped then,
+    with checksums.json recomputed, pass the checksums but not the signature, checked again at attachment."""
+    config = load_training_config(tiny_artifact[0], ("evaluation.max_new_tokens=4",))
+    load_base = causal_lm.load_base_as_trained
+
+    def swap_then_load(*args, **kwargs):
+        weights = signed / "adapter_model.safetensors"
+        save_file({name: tensor + 0.5 for name, tensor in load_file(weights).items()}, weights)
+        seal_artifact(signed)
+        return load_base(*args, **kwargs)
+
+    monkeypatch.setattr(causal_lm, "load_base_as_trained", swap_then_load)
+    with pytest.raises(signing.SignatureError, match="file changed after signing"):
+        model_from_config(config, adapter=signed, trusted_keys=(pub(keys["trusted"]),))
+
+
 def test_backend_serves_a_signed_adapter_and_refuses_an_unsigned_one(tiny_artifact, signed, keys, capsys):
     config = load_training_config(tiny_artifact[0], ("evaluation.max_new_tokens=4",))
     model = model_from_config(config, adapter=signed, trusted_keys=(pub(keys["trusted"]),))
@@ -165,8 +184,12 @@ def test_training_signs_in_step_7_and_verifies_in_step_8(tiny_artifact, keys, tm
     assert (artifact / "model.sig").is_file()
     metadata = json.loads((artifact / "metadata.json").read_text())
     assert metadata["signing"]["public_key_sha256"] == signing.public_key_fingerprint(pub(keys["trusted"]))
-    assert (result.run_dir / "signing_key.pub").read_bytes() == Path(pub(keys["trusted"])).read_bytes()
-    assert "--public-key signing_key.pub" in (artifact / "README.md").read_text()
+    # No key is left where the artifact's writer could replace it, and the card points to none of theirs.
+    left = [p for p in result.run_dir.rglob("*") if p.is_file() and b"-----BEGIN" in p.read_bytes()[:4096]]
+    assert left == []
+    card = (artifact / "README.md").read_text()
+    assert "--public-key PUBLISHER.pub" in card and "out of band" in card and ".pub" not in card.replace(
+        "PUBLISHER.pub", "")
     assert cli.main(["verify", str(artifact), "--public-key", pub(keys["trusted"])]) == 0
 
 

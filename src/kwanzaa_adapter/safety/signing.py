@@ -20,10 +20,12 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kwanzaa_adapter.safety.anchors import public_pem, refuse_anchors_within_reach
 from kwanzaa_adapter.safety.artifacts.manifest import SIGNATURE_NAME, ArtifactError, scan_directory, sha256_file
 
 PASSWORD_ENV = "KWANZAA_ADAPTER_SIGNING_KEY_PASSWORD"
@@ -117,13 +119,6 @@ def load_private_key(path: str | Path, password: str | None = None):
     return key
 
 
-def _public_pem(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.public_bytes(encoding=serialization.Encoding.PEM,
-                            format=serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def public_key_fingerprint(path: str | Path) -> str:
     """SHA-256 of the key's SubjectPublicKeyInfo PEM: the library's key hint in a bundle."""
     from cryptography.hazmat.primitives import serialization
@@ -134,18 +129,21 @@ def public_key_fingerprint(path: str | Path) -> str:
     except ValueError as exc:
         raise SigningKeyError(f"{path}: not a PEM public key ({exc})") from None
     _check_curve(key, path, "public")
-    return hashlib.sha256(_public_pem(key)).hexdigest()
+    return hashlib.sha256(public_pem(key)).hexdigest()
 
 
 def private_key_fingerprint(path: str | Path) -> str:
-    return hashlib.sha256(_public_pem(load_private_key(path).public_key())).hexdigest()
+    return hashlib.sha256(public_pem(load_private_key(path).public_key())).hexdigest()
 
 
-def write_public_key(private_key: str | Path, path: str | Path) -> Path:
-    """Write the public half of `private_key` to `path` (the key that verifies what it signs)."""
-    path = Path(path)
-    path.write_bytes(_public_pem(load_private_key(private_key).public_key()))
-    return path
+@contextmanager
+def public_half(private_key: str | Path) -> Iterator[Path]:
+    """The public half of `private_key` in a private temporary file, for the signer's own check of what it
+    just signed; nothing is left beside the artifact for anyone to take as a trust anchor."""
+    with tempfile.TemporaryDirectory(prefix="kwanzaa-adapter-key-") as folder:
+        path = Path(folder) / "signer.pub"
+        path.write_bytes(public_pem(load_private_key(private_key).public_key()))
+        yield path
 
 
 def generate_key_pair(private_path: str | Path, public_path: str | Path) -> str:
@@ -163,8 +161,8 @@ def generate_key_pair(private_path: str | Path, public_path: str | Path) -> str:
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
-    public_path.write_bytes(_public_pem(key.public_key()))
-    return hashlib.sha256(_public_pem(key.public_key())).hexdigest()
+    public_path.write_bytes(public_pem(key.public_key()))
+    return hashlib.sha256(public_pem(key.public_key())).hexdigest()
 
 
 # --- signing ----------------------------------------------------------------------------------
@@ -263,6 +261,8 @@ def verify_signature(directory: str | Path, trusted_keys: Sequence[str | Path]) 
     fingerprints = {public_key_fingerprint(path): Path(path) for path in trusted_keys}  # bad key file: exit 2
     if not fingerprints:
         raise SigningKeyError("no trusted public key given")
+    # A key from the artifact or its run directory proves only that the artifact agrees with itself.
+    refuse_anchors_within_reach(directory, list(fingerprints.values()), list(fingerprints))
     signature = directory / SIGNATURE_NAME
     fail = lambda reason, detail, key=None: SignatureReport(str(directory), reason, detail, key)  # noqa: E731
     if signature.is_symlink():

@@ -137,12 +137,15 @@ def _fmt(value) -> str:
 
 
 def signed_usage(metadata: dict) -> str:
-    """The verify flag and the line of the model card for a signed artifact; nothing for an unsigned one."""
+    """The verify flag and the lines of the model card for a signed artifact; nothing for an unsigned one.
+    The card names no key file: a key or fingerprint read from the artifact or its run directory proves
+    only that the artifact agrees with itself, so the user verifies with the publisher's key."""
     if not metadata.get("signing"):
         return ""
-    key = metadata["signing"]["public_key_sha256"]
-    return (f" --public-key signing_key.pub\n# {SIGNATURE_NAME}: signed by the EC key whose public PEM has SHA-256 "
-            f"{key[:16]}...; serve with --trusted-key")
+    return (" --public-key PUBLISHER.pub\n"
+            f"# {SIGNATURE_NAME}: verify (and serve with --trusted-key) using the publisher's public key, obtained\n"
+            "# out of band (from the publisher, not from this directory or its run directory); compare its\n"
+            "# fingerprint with the one the publisher gave you, never with one printed here")
 
 
 def preference_line(preference: dict | None) -> str:

@@ -62,7 +62,6 @@ class RunDirectory:
     _lock: object = field(default=None, repr=False)
 
     baseline_path = property(lambda self: self.path / "baseline_checksums.json")
-    signing_key_path = property(lambda self: self.path / "signing_key.pub")  # artifacts.signing's public half
     artifact_path = property(lambda self: self.path / ARTIFACT_DIRNAME)
     adapter_path = property(lambda self: self.path / "adapter")
     tensorboard_path = property(lambda self: self.path / "tensorboard")

@@ -108,7 +108,7 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         if not ranks.is_main:
             return TrainResult(run.path, None, run.version, outcome.summary)
         artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate)  # 7
-        validate_artifact(artifact, run.signing_key_path if config.artifacts.signing else None)  # 8
+        validate_artifact(artifact, config.artifacts.signing)  # 8
         published = monitor.publish(artifact)  # MLflow run and model registry, once the artifact is valid
     return TrainResult(run.path, artifact, run.version, outcome.summary, behavior, gate, published)
 
@@ -254,15 +254,14 @@ def verify_weights(bundle: ModelBundle, run: RunDirectory, ranks: Ranks = Ranks(
 def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate=None) -> Path:
     """Step 7: final_artifact/ written to a temporary directory, signed where configured, verified
     there, and renamed into place."""
-    public_key = signing.write_public_key(config.artifacts.signing, run.signing_key_path) \
-        if config.artifacts.signing else None
     return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior,
-                                 check=lambda staging: validate_artifact(staging, public_key), gate=gate)
+                                 check=lambda staging: validate_artifact(staging, config.artifacts.signing), gate=gate)
 
 
-def validate_artifact(artifact: Path, public_key: Path | None = None) -> None:
+def validate_artifact(artifact: Path, signing_key: Path | None = None) -> None:
     """Step 8: completeness and integrity, exactly as `kwanzaa-adapter verify` checks them, and the
-    signature against the signing key's public half when the run signs.
+    signature against the public half of the run's signing key (`artifacts.signing`), derived from the
+    private key each time: no public key is written where the artifact's writer could replace it.
 
     Run on the staging directory before publication (so a failure or a crash here publishes
     nothing) and again on the published copy.
@@ -271,7 +270,8 @@ def validate_artifact(artifact: Path, public_key: Path | None = None) -> None:
     report = verify_artifact(artifact)
     if not report.ok:
         raise ArtifactInvalidError(f"{artifact}: artifact failed verification:\n{report.format()}")
-    if public_key is not None:
-        signed = signing.verify_signature(artifact, [public_key])
+    if signing_key is not None:
+        with signing.public_half(signing_key) as public_key:
+            signed = signing.verify_signature(artifact, [public_key])
         if not signed.ok:
             raise ArtifactInvalidError(f"{artifact}: artifact failed verification:\n{signed.format()}")
