@@ -53,7 +53,10 @@ def backend_check(config: str, artifact: Path) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "record.jsonl"
         record.write_text(held_out + "\n", encoding="utf-8")
-        command = ["generate", "--config", config, "--adapter", str(artifact), "--input", str(record)]
+        # Without the grammar: the answer must parse because the adapter learned the contract, not because
+        # decoding forced it (the product default, constrained, makes even the untrained base parse).
+        command = ["generate", "--config", config, "--adapter", str(artifact), "--input", str(record),
+                   "--no-constrained"]
         code, output = run_cli(command)
         if code:
             return 1

@@ -58,3 +58,21 @@ def test_measured_phases_split_the_wall_time_as_the_estimate_does():
     metadata["timings"]["gate_seconds"] = 60.0
     phases = demo.measured_phases(metadata, wall=720.0)
     assert phases["gate fitting"] == 60.0 and phases["load, checksums, artifact"] == 10.0
+
+
+def test_backend_check_asks_for_the_adapters_own_output_not_the_grammars(monkeypatch, tmp_path):
+    """Under the contract's grammar even the untrained base scores json 0.314 (no training needed): the demo's
+    answer must parse without it, or it shows nothing the adapter learned. The tampered copy runs the same."""
+    commands = []
+
+    def fake_cli(command):
+        commands.append(list(command))
+        print(json.dumps({"id": "r1", "answer": ANSWER, "error": None}))
+        return 0
+
+    monkeypatch.setattr(demo, "cli", fake_cli)
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "adapter_model.safetensors").write_bytes(b"weights")  # the copy it tampers with
+    demo.backend_check("configs/demo.yaml", tmp_path / "artifact")
+    assert len(commands) == 2 and all(c[0] == "generate" and "--no-constrained" in c for c in commands)

@@ -25,7 +25,7 @@ from kwanzaa_adapter.modeling.planning import (
     gradient_checkpointing_on,
     steps_per_epoch,
 )
-from kwanzaa_adapter.modeling.precision import PrecisionDecision, cached_probe, probe_shape
+from kwanzaa_adapter.modeling.precision import PrecisionDecision, measure_products, probe_shape
 
 log = logging.getLogger(__name__)
 CHARACTERS_PER_TOKEN = 3.8  # when the tokenizer is out of reach (a hub model not downloaded yet)
@@ -119,13 +119,15 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
     """The wall-time estimate over this machine's measured product rate in the resolved precision."""
     import torch
 
-    peak = precision.peak_flops
+    # The rate is measured now (about 0.1 s), never read from the probe cache: the bf16-or-not decision a
+    # cached probe makes holds for the machine, but its speed moves (a cached rate missed by 2.17x).
+    peak = precision.peak_flops if precision.probe is not None and not precision.probe_cached else None
     if peak is None:
         device = precision.device
         if device == "cuda" and not torch.cuda.is_available():
             return None
-        probe, _ = cached_probe(probe_shape(arch.hidden_size, arch.intermediate_size), (precision.resolved,),
-                                sources.cache_root() / "precision", device=device)
+        probe = measure_products(probe_shape(arch.hidden_size, arch.intermediate_size), (precision.resolved,),
+                                 device=device)
         peak = probe.peak(precision.resolved) * 1e9
     from kwanzaa_adapter.training.gate_fitting import candidate_layers
 

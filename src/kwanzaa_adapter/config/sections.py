@@ -169,8 +169,10 @@ class EvaluationConfig(_Section):
     batch_size: int = Field(default=8, gt=0, le=65536, description="Prompts per generation batch.")
     max_examples: int | None = Field(default=None, gt=0, le=10**9, description="Evaluate only the first N examples.")
     constrained_decoding: bool = Field(
-        default=False, description="Hold every generated answer to the contract's JSON Schema (llguidance): "
-                                   "evaluation, `generate`, `/v1/answer`.")
+        default=False, description="Hold every answer that `eval` and training's behavioural evaluation generate "
+                                   "to the contract's JSON Schema (llguidance); off, they measure the adapter itself. "
+                                   "`generate` and `/v1/answer` decode under the schema unless told not to "
+                                   "(`--no-constrained`, \"constrained\": false), whatever this says.")
 
 
 class InferenceConfig(_Section):
