@@ -146,5 +146,38 @@ def build_signature_attacks(root: Path) -> list[HostileCase]:
     return cases
 
 
+ANCHOR_REASON = "refused as a trusted key"
+
+
+def build_anchor_cases(root: Path) -> list[HostileCase]:
+    """The attack a key beside the artifact invites: an artifact forged and signed anew, its new public key
+    left in the run directory (or the artifact) and offered as the trust anchor, by its path or as a copy
+    taken from there. Each through `verify --public-key` and `generate --trusted-key`: exit 2, its reason."""
+    from kwanzaa_adapter.safety.anchors import RUN_MARKER
+    from kwanzaa_adapter.safety.signing import generate_key_pair
+
+    config, records = backend_inputs(root)
+    cases = []
+    for where in ("run_directory", "artifact", "copy_outside"):
+        run = root / f"anchor-{where}"
+        run.mkdir()
+        (run / RUN_MARKER).write_text("{}\n")  # what marks a run directory
+        artifact = _sealed_artifact(run)
+        keys = artifact if where == "artifact" else run
+        generate_key_pair(keys / "signing_key", keys / "signing_key.pub")
+        _reseal(artifact)
+        _sign(artifact, keys / "signing_key")
+        offered = keys / "signing_key.pub"
+        if where == "copy_outside":
+            (root / "elsewhere").mkdir(exist_ok=True)
+            offered = Path(shutil.copyfile(offered, root / "elsewhere" / "copied.pub"))
+        cases.append(HostileCase(f"anchor_{where}/verify", "anchor", ("verify", str(artifact), "--public-key",
+                                                                      str(offered)), ANCHOR_REASON, 2))
+        cases.append(HostileCase(f"anchor_{where}/generate", "anchor",
+                                 ("generate", "--config", str(config), "--adapter", str(artifact), "--input",
+                                  str(records), "--trusted-key", str(offered)), ANCHOR_REASON, 2))
+    return cases
+
+
 def attack_name(case: HostileCase) -> str:
     return case.name.split("/")[0]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from kwanzaa_adapter import cli
 from kwanzaa_adapter.safety import anchors, signing
 from kwanzaa_adapter.safety.artifacts import seal_artifact
-from reliability.signatures import backend_inputs, make_keys
+from reliability.signatures import backend_inputs, build_anchor_cases, make_keys
 from tiny_artifact import tiny_artifact  # noqa: F401
 
 REFUSED = "refused as a trusted key"
@@ -99,3 +99,18 @@ def test_the_backend_refuses_a_key_from_the_run_directory_before_loading(run, ti
     code = cli.main(["generate", "--config", str(config), "--adapter", str(artifact), "--input", str(records),
                      "--trusted-key", str(forged_key)])
     assert code == 2 and REFUSED in capsys.readouterr().err and loaded == []
+
+
+def test_the_reliability_benchs_anchor_cases_are_each_refused_for_their_reason(tmp_path, capsys, monkeypatch):
+    """bench/reliability.py's `key_inside_artifact_refused` runs these as subprocesses; here, in process."""
+    monkeypatch.setattr("kwanzaa_adapter.backend.models.causal_lm.load_base_as_trained",
+                        lambda *a, **k: pytest.fail("the base model loaded"))
+    cases = build_anchor_cases(tmp_path)
+    assert len(cases) == 6
+    failures = []
+    for case in cases:
+        code = cli.main(list(case.argv))
+        out, err = capsys.readouterr()
+        if code != case.expected_exit or "Traceback" in out + err or not case.gives_reason(err):
+            failures.append(f"{case.name}: exit {code}, {(err or out)[-300:]!r}")
+    assert failures == []
