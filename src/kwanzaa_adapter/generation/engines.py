@@ -49,8 +49,9 @@ class EngineChoice:
 
 
 def choose_engine(config: KwanzaaConfig, model, tokenizer, *, base_digest: str | None, with_adapter: bool,
-                  gate_layer: int | None = None) -> EngineChoice:
-    """The fast engine for `model` (with or without its adapter) per `inference.engine`, or the reference."""
+                  gate_layer: int | None = None, derived: tuple | Exception | None = None) -> EngineChoice:
+    """The fast engine for `model` (with or without its adapter) per `inference.engine`, or the reference.
+    `derived`: what `derived_gguf` already gave for this variant ((path, record), or the error it raised)."""
     settings = config.inference
     if settings.engine == REFERENCE:
         return EngineChoice(None, REFERENCE)
@@ -61,8 +62,10 @@ def choose_engine(config: KwanzaaConfig, model, tokenizer, *, base_digest: str |
     try:
         if base_digest is None:
             raise DerivationError("no checked base digest to derive from")
-        path, record = derived_gguf(model, tokenizer, base_digest=base_digest, with_adapter=with_adapter,
-                                    quant=quant, cache_dir=settings.cache_dir)
+        if isinstance(derived, Exception):
+            raise derived
+        path, record = derived or derived_gguf(model, tokenizer, base_digest=base_digest, with_adapter=with_adapter,
+                                               quant=quant, cache_dir=settings.cache_dir)
         engine = LlamaCppEngine(path, threads=settings.threads, gate_layer=gate_layer)
     except (EngineUnavailable, DerivationError) as exc:
         if settings.engine != "auto":
@@ -77,18 +80,21 @@ def choose_engine(config: KwanzaaConfig, model, tokenizer, *, base_digest: str |
 def choose_engines(config: KwanzaaConfig, model, tokenizer, *, base_digest: str | None,
                    wanted: dict[str, tuple[bool, int | None]]) -> dict[str, EngineChoice]:
     """`choose_engine` for several variants of one model ({label: (with_adapter, gate_layer)}); the
-    derived models that must be built are built side by side (each conversion is a process of its own)."""
+    derived models that must be built are built side by side (each conversion is a process of its own),
+    and each is checked once: its result is handed to `choose_engine`, not looked up again."""
+    derived = {}
     if config.inference.engine != REFERENCE and base_digest is not None and len(wanted) > 1:
         quant = resolve_quant(config.inference.quant)
 
-        def derive(with_adapter: bool) -> None:
+        def derive(with_adapter: bool) -> tuple[bool, tuple | Exception]:
             try:
-                derived_gguf(model, tokenizer, base_digest=base_digest, with_adapter=with_adapter, quant=quant,
-                             cache_dir=config.inference.cache_dir)
-            except (EngineUnavailable, DerivationError):
-                pass  # choose_engine meets it again, and falls back or raises as inference.engine says
+                return with_adapter, derived_gguf(model, tokenizer, base_digest=base_digest, with_adapter=with_adapter,
+                                                  quant=quant, cache_dir=config.inference.cache_dir)
+            except (EngineUnavailable, DerivationError) as exc:
+                return with_adapter, exc  # choose_engine falls back or raises, as inference.engine says
 
         with ThreadPoolExecutor(max_workers=len(wanted)) as pool:
-            list(pool.map(derive, sorted({with_adapter for with_adapter, _ in wanted.values()})))
+            derived = dict(pool.map(derive, sorted({with_adapter for with_adapter, _ in wanted.values()})))
     return {label: choose_engine(config, model, tokenizer, base_digest=base_digest, with_adapter=with_adapter,
-                                 gate_layer=layer) for label, (with_adapter, layer) in wanted.items()}
+                                 gate_layer=layer, derived=derived.get(with_adapter))
+            for label, (with_adapter, layer) in wanted.items()}
