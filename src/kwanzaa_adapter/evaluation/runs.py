@@ -50,11 +50,18 @@ def evaluate(
         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
         gate=gate, forced=forced, engine=engine,
     )
-    decided = result.refuse or [None] * len(items)
-    probabilities = result.refuse_probabilities or [None] * len(items)
+    return _scored_run(items, result.outputs, label, result.refuse, result.refuse_probabilities,
+                       result.tokens_per_second, engine_name)
+
+
+def _scored_run(items: Sequence[EvalItem], outputs: Sequence[str], label: str, decided: Sequence | None,
+                probabilities: Sequence | None, tokens_per_second: float, engine_name: str) -> EvalRun:
+    """Each output scored as a row naming its engine (and the decision held, where there was one), aggregated."""
+    decided = decided or [None] * len(items)
+    probabilities = probabilities or [None] * len(items)
     rows = [{**_row(item, output, label, refuse, p), "engine": engine_name}
-            for item, output, refuse, p in zip(items, result.outputs, decided, probabilities)]
-    return EvalRun(label, aggregate(rows), rows, result.tokens_per_second, engine_name)
+            for item, output, refuse, p in zip(items, outputs, decided, probabilities)]
+    return EvalRun(label, aggregate(rows), rows, tokens_per_second, engine_name)
 
 
 def _row(item: EvalItem, output: str, label: str, refuse: bool | None = None, probability: float | None = None) -> dict:
@@ -94,15 +101,10 @@ def evaluate_with_and_without_gate(
         tokenizer, encoded + encoded, max_new_tokens=max_new_tokens, batch_size=2 * batch_size,
         stop_ids=end_of_turn_ids(model, tokenizer), progress=progress, grammar=grammar, gate=gate,
         gated=[False] * len(items) + [True] * len(items))
-    runs = []
-    for half, label in enumerate(labels):
-        part = slice(half * len(items), (half + 1) * len(items))
-        decided = result.refuse[part] if half else [None] * len(items)
-        probabilities = result.refuse_probabilities[part] if half else [None] * len(items)
-        rows = [{**_row(item, output, label, refuse, p), "engine": choice.name}
-                for item, output, refuse, p in zip(items, result.outputs[part], decided, probabilities)]
-        runs.append(EvalRun(label, aggregate(rows), rows, result.tokens_per_second, choice.name))
-    return runs[0], runs[1]
+    ungated, gated = slice(0, len(items)), slice(len(items), 2 * len(items))
+    return (_scored_run(items, result.outputs[ungated], labels[0], None, None, result.tokens_per_second, choice.name),
+            _scored_run(items, result.outputs[gated], labels[1], result.refuse[gated],
+                        result.refuse_probabilities[gated], result.tokens_per_second, choice.name))
 
 
 def _engine(choice) -> dict:
