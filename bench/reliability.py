@@ -28,7 +28,9 @@
    checksums recomputed, a signature copied from another artifact, an untrusted key, a file added,
    a symlink, a truncated, garbage or removed signature, an altered statement), each through
    `verify --public-key` and `generate --trusted-key` in subprocesses: caught when both exit 1 with
-   the attack's reason, no traceback and no weights loaded.
+   the attack's reason, no traceback and no weights loaded. Then the attack a key beside the artifact
+   invites (tests/reliability/signatures.py, `build_anchor_cases`): the forger's public key, in the run
+   directory or the artifact, or copied out of there, offered as the trust anchor: refused with exit 2.
 
 Subprocesses run with OMP_NUM_THREADS=1. The last line printed is one JSON object.
 """
@@ -57,7 +59,7 @@ from tests.reliability.crash import (  # noqa: E402
     kill_and_resume,
     reference_run,
 )
-from tests.reliability.signatures import attack_name, build_signature_attacks  # noqa: E402
+from tests.reliability.signatures import attack_name, build_anchor_cases, build_signature_attacks  # noqa: E402
 
 from conftest import build_tiny_model, packaged_gguf_path, write_run_config  # noqa: E402
 
@@ -130,6 +132,16 @@ def signature_attacks(root: Path) -> tuple[int, int, list[dict]]:
     return len(attacks), len(attacks - {attack_name(HostileCase(r["name"], "", (), "")) for r in missed}), missed
 
 
+def anchor_cases(root: Path) -> tuple[int, list[dict]]:
+    """(cases, the ones not refused for their reason): a key from the artifact or its run directory offered
+    as the trust anchor, by its path or as a copy, through `verify` and `generate` (exit 2, nothing loaded)."""
+    (root / "anchors").mkdir()
+    cases = build_anchor_cases(root / "anchors")
+    results = run_cases(cases, root)
+    return len(cases), [r for r in results if r["hang"] or r["traceback"] or r["exit"] != 2 or not r["reason_given"]
+                        or r["loaded_weights"]]
+
+
 def server_flood(config: Path, artifact: Path):
     from helpers import running
     from tests.reliability.flood import KEY, flood, still_answers
@@ -163,6 +175,7 @@ def main() -> int:
         flooded, alive = server_flood(config, root / "reference" / "tiny" / "final_artifact")
         print("4. signature attacks", flush=True)
         attacks, caught, missed = signature_attacks(root)
+        anchors, anchors_missed = anchor_cases(root)
 
     killed = [t for t in trials if t.killed]
     resumed, restarted, after_publish, unresolved = (
@@ -192,6 +205,8 @@ def main() -> int:
         "server_alive": alive,
         "signature_attacks": attacks,
         "signature_caught": caught,
+        "key_inside_artifact_cases": anchors,
+        "key_inside_artifact_refused": anchors > 0 and not anchors_missed,
     }
     authenticated, unauthenticated = flooded.statuses["authenticated"], flooded.statuses["unauthenticated"]
     print()
@@ -221,6 +236,8 @@ def main() -> int:
         ("server alive afterwards (good answer)", figures["server_alive"], "true"),
         ("attacks on a signed artifact (verify and generate each)", attacks, ">= 7"),
         ("  refused with exit 1 and the attack's reason, nothing loaded", caught, "all"),
+        ("a key from the artifact or its run directory as trust anchor", anchors, ">= 6"),
+        ("  refused with exit 2 and why, nothing loaded", anchors - len(anchors_missed), "all"),
     ]
     for name, value, required in rows:
         print(f"| {name} | {value} | {required} |")
@@ -232,7 +249,7 @@ def main() -> int:
         print(f"hostile {case['name']}: exit {case['exit']}, expected {case['expected']}")
     for case in wrong_reason:
         print(f"hostile {case['name']}: refused, but not for its reason: {case['output'][-300:]!r}")
-    for case in missed:
+    for case in missed + anchors_missed:
         print(f"signature {case['name']}: exit {case['exit']}, {case['output'][-300:]!r}")
     for failure in flooded.failures:
         print(f"server: {failure}")
