@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from kwanzaa_adapter.backend.gguf_export import GGUF_TOLERANCE
-from kwanzaa_adapter.generation.decoding import generate
+from kwanzaa_adapter.generation.decoding import generate, request_sampler
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, prompt_features
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
-from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
+from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine, Row
 from kwanzaa_adapter.modeling.derived import DERIVED_RECORD, GGUF_FILE, derived_gguf
 from tests.conftest import build_tiny_model
 
@@ -167,3 +167,26 @@ def test_one_prompt_gated_and_not_decodes_once_and_parts_where_the_gate_holds(ad
     assert together.refuse[3:] == held.refuse == [True] * 3
     assert free.token_ids != held.token_ids  # they did part
     assert all('"text":"The documents do not' in output for output in held.outputs)
+
+
+def test_sampled_rows_of_one_prompt_each_decode_on_their_own_sequence(adapted, tokenizer, merged_f16):
+    """Every step's scores of a sampled row are those it has alone, whatever rows of the same prompt (sampled,
+    greedy, ending at once) decode beside it: each sampled row gets a KV sequence of its own."""
+    engine = LlamaCppEngine(merged_f16)
+    prompt, other = (_ids(tokenizer, prompt) for prompt in _prompts()[:2])
+
+    def row(seed: int | None, ids: list[int] = prompt, limit: int = 12, seen: list | None = None) -> Row:
+        draw = request_sampler(1.0, 1.0, seed) if seed is not None else None
+        sample = (lambda scores: seen.append(scores.clone()) or draw(scores)) if seen is not None else draw
+        return Row(ids, limit, sample=sample, json_only=False)
+
+    def scores_of(rows: list[Row], seen: list) -> tuple[list, list[int]]:
+        for _ in engine.decode(tokenizer, rows, [tokenizer.eos_token_id]):
+            pass
+        return seen, rows[0].tokens
+
+    alone, tokens = scores_of([row(1234, seen=(seen := []))], seen)
+    for company in ([row(7)], [row(None)], [row(7, limit=1)], [row(7), row(None), row(5, other)]):
+        together, beside = scores_of([row(1234, seen=(seen := [])), *company], seen)
+        assert beside == tokens and len(together) == len(alone) == 12
+        assert max(float((a - b).abs().max()) for a, b in zip(alone, together, strict=True)) < 1e-4

@@ -370,7 +370,8 @@ class LlamaCppEngine:
             shares = [i for i in others if rows[i].sample is None and rows[leader].sample is None]
             follows.update({i: leader for i in shares})
             own = [leader, *(i for i in others if i not in shares)]
-            slots.update({i: len(slots) for i in own})
+            for index in own:  # a sequence of its own each (not len(slots) once for all of them)
+                slots[index] = len(slots)
             features = gate is not None and any(rows[i].gated for i in indices)
             logits, hidden = self._prefill(decoder, list(prompt), [slots[i] for i in own], features)
             probability = gate.refuse_probability(hidden[None]) if features else None
