@@ -92,7 +92,8 @@ class Round:
     train_tokens: int = 0
     final_loss: float | None = None
     reward_accuracy: float | None = None
-    resumed_from: str | None = None
+    resumed_from: str | None = None  # the checkpoint the trainer loaded, from its own resume record
+    resume: dict | None = None  # that record: start step, steps run, optimizer moments, scheduler, RNG
 
 
 # --------------------------------------------------------------------------- data
@@ -294,11 +295,11 @@ def run_preference(config: KwanzaaConfig, bundle, run, identity: RunIdentity, re
                                      {**identity.datasets, "preference_pairs": hashlib.sha256(pairs_text(pairs).encode()).hexdigest()},
                                      identity.base_model_digest)
         resume_from = checkpoint_to_resume(directory, round_identity) if resume and checkpoints(directory) else None
-        summary.resumed_from = resume_from.name if resume_from else None
         trained = run_preference_trainer(config, bundle, directory, [pair.as_trl() for pair in pairs],
                                          round_identity, resume_from, callbacks, reporters)
         for key, value in trained.items():
             setattr(summary, key, value)
+        summary.resumed_from = (summary.resume or {}).get("checkpoint")
         if is_main:
             write_round_data(directory, pairs, summary)
     return {"enabled": True, "beta": p.beta, "sft_weight": p.sft_weight, "learning_rate": p.learning_rate,

@@ -3,6 +3,8 @@ schedule, precision and callbacks (`trainer`), for one round of `training.prefer
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 from kwanzaa_adapter.config import KwanzaaConfig
@@ -17,6 +19,8 @@ from kwanzaa_adapter.training.trainer import (
     schedule_arguments,
     stage_callbacks,
 )
+
+log = logging.getLogger(__name__)
 
 
 def preference_arguments(config: KwanzaaConfig, directory: Path, device: str, optimizer: str,
@@ -94,10 +98,13 @@ def run_preference_trainer(config: KwanzaaConfig, bundle, directory: Path, rows:
     resume = str(resume_from) if resume_from is not None else None
     add_progress_and_resume_callbacks(trainer, resume)
     result = trainer.train(resume_from_checkpoint=resume)
+    if resume is not None:
+        log.info("preference: resumed from %s: %s", resume, json.dumps(trainer.resume_record, sort_keys=True))
     bundle.model.eval()
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     accuracies = [h["rewards/accuracies"] for h in history if "rewards/accuracies" in h]
     return {"steps": trainer.state.global_step, "train_seconds": round(result.metrics.get("train_runtime", 0.0), 1),
             "train_tokens": trainer.state.num_input_tokens_seen, "final_loss": losses[-1] if losses else None,
-            "reward_accuracy": accuracies[-1] if accuracies else None}
+            "reward_accuracy": accuracies[-1] if accuracies else None,
+            "resume": trainer.resume_record or None}  # what resuming loaded, as the trainer recorded it
