@@ -23,7 +23,8 @@
    message does not give the case's reason.
 3. The server (API key, default limits) over the uninterrupted run's artifact, flooded with the
    bad requests of tests/reliability/flood.py (authenticated and unauthenticated counted apart),
-   then asked a good question.
+   then with distinct JSON Schemas of the largest size it accepts, all at once, while /healthz is
+   timed (`schema_flood_healthz_max_s`, required under 1 s), then asked a good question.
 4. The attacks on a signed artifact of tests/reliability/signatures.py (weights replaced and
    checksums recomputed, a signature copied from another artifact, an untrusted key, a file added,
    a symlink, a truncated, garbage or removed signature, an altered statement), each through
@@ -144,7 +145,7 @@ def anchor_cases(root: Path) -> tuple[int, list[dict]]:
 
 def server_flood(config: Path, artifact: Path):
     from helpers import running
-    from tests.reliability.flood import KEY, flood, still_answers
+    from tests.reliability.flood import KEY, flood, schema_flood, still_answers
 
     from kwanzaa_adapter.backend.models import model_from_config
     from kwanzaa_adapter.backend.serving.schemas import ServeLimits
@@ -154,8 +155,9 @@ def server_flood(config: Path, artifact: Path):
     model = model_from_config(load_training_config(config, ("evaluation.max_new_tokens=4",)), adapter=artifact)
     with running(create_app(model, ServeLimits(), api_key=KEY)) as url:
         result = flood(url)
+        schemas = schema_flood(url)
         alive = still_answers(url)
-    return result, alive
+    return result, schemas, alive
 
 
 def main() -> int:
@@ -172,7 +174,7 @@ def main() -> int:
         print("2. hostile inputs", flush=True)
         hostile = run_cases(build_corpus(root / "hostile"), root)
         print("3. server flood", flush=True)
-        flooded, alive = server_flood(config, root / "reference" / "tiny" / "final_artifact")
+        flooded, schemas, alive = server_flood(config, root / "reference" / "tiny" / "final_artifact")
         print("4. signature attacks", flush=True)
         attacks, caught, missed = signature_attacks(root)
         anchors, anchors_missed = anchor_cases(root)
@@ -203,6 +205,7 @@ def main() -> int:
         "server_bad_requests_unauthenticated": flooded.sent("unauthenticated"),
         "server_errors": flooded.server_errors + sum(1 for f in flooded.failures if "no answer" in f),
         "server_alive": alive,
+        "schema_flood_healthz_max_s": round(schemas.healthz_max_s, 3),
         "signature_attacks": attacks,
         "signature_caught": caught,
         "key_inside_artifact_cases": anchors,
@@ -234,6 +237,8 @@ def main() -> int:
         ("  answered 401 (405: /healthz, open, wrong method)", unauthenticated[401], "all but /healthz"),
         ("server errors (5xx or no answer)", figures["server_errors"], "0"),
         ("server alive afterwards (good answer)", figures["server_alive"], "true"),
+        (f"slowest /healthz during a flood of {sum(schemas.statuses.values())} JSON Schemas, s "
+         f"(statuses {dict(sorted(schemas.statuses.items()))})", figures["schema_flood_healthz_max_s"], "< 1"),
         ("attacks on a signed artifact (verify and generate each)", attacks, ">= 7"),
         ("  refused with exit 1 and the attack's reason, nothing loaded", caught, "all"),
         ("a key from the artifact or its run directory as trust anchor", anchors, ">= 6"),
@@ -262,7 +267,8 @@ def main() -> int:
           and figures["resume_failed_or_unproven"] == figures["not_killed"] == figures["partial_visible"] == 0
           and figures["tracebacks"] == figures["hangs"] == 0 and not wrong_exit and not wrong_reason
           and figures["server_bad_requests_authenticated"] >= 200 and figures["server_errors"] == 0
-          and alive and not flooded.failures and caught == attacks >= 7)
+          and alive and not flooded.failures and caught == attacks >= 7 and schemas.healthz_max_s < 1
+          and set(schemas.statuses) <= {200, 429} and figures["key_inside_artifact_refused"])
     return 0 if ok else 1
 
 

@@ -105,7 +105,7 @@ def test_streamed_chat_completion_is_server_sent_events_ending_in_done(server):
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}, 422,
      "max_tokens: 100 exceeds"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 422, "n:"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n: not supported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}] * 5}, 413, "messages: 5 given"),
 ])
 def test_bad_requests_get_4xx_json_errors(server, path, payload, status, fragment):
@@ -151,6 +151,24 @@ def test_api_key_guards_every_route_but_healthz(keyed):
     assert keyed.get("/openapi.json").status_code == 401
     response = keyed.post("/v1/answer", json=question, headers={"Authorization": f"Bearer {KEY}"})
     assert response.status_code == 200
+
+
+def test_healthz_without_the_key_says_only_alive_and_ready(keyed, model):
+    response = keyed.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"status": "ok", "ready": True}
+    secrets = [model.base_digest, model.adapter.path, model.adapter.trained_base_digest, "verification", "queue"]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        assert not [s for s in secrets if s in keyed.get("/healthz", headers=headers).text]
+    details = keyed.get("/healthz", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert details["base_digest"] == model.base_digest and details["adapter"]["path"] == model.adapter.path
+    assert details["adapter"]["verified"] is True and details["queue"]["max_queue"] >= 1 and details["ready"]
+
+
+def test_metrics_need_the_key(keyed):
+    response = keyed.get("/metrics")
+    assert response.status_code == 401 and response.json()["error"]["type"] == "unauthorized"
+    response = keyed.get("/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200 and "kwanzaa_adapter_queue_depth" in response.text
 
 
 def test_concurrent_requests_share_one_generation_and_never_overlap(server, model, monkeypatch):

@@ -89,6 +89,33 @@ def test_a_schema_that_does_not_compile_and_documents_without_a_question_are_422
             assert response.status_code == 422, response.text
 
 
+def test_a_client_schema_compiles_once_per_digest_in_a_compile_thread_and_is_bounded(model, monkeypatch):
+    from kwanzaa_adapter.backend.serving import schema_cache
+
+    compiled, compile_ = [], schema_cache.SchemaGrammar
+
+    def counting(*args):  # the compilation, and the thread it runs in
+        compiled.append(threading.current_thread().name)
+        return compile_(*args)
+
+    monkeypatch.setattr(schema_cache, "SchemaGrammar", counting)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}}
+    respelled = json.loads(json.dumps({"properties": {"b": {"type": "string"}, "a": {"type": "integer"}},
+                                       "type": "object"}, indent=2))  # the same schema, keys in another order
+    too_large = {"type": "object", "description": "x" * ServeLimits().max_schema_bytes}
+    with running(create_app(model)) as url:
+        def ask(schema: dict) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+
+        statuses = [ask(schema).status_code, ask(respelled).status_code]
+        refused = ask(too_large)
+    assert statuses == [200, 200] and len(compiled) == 1 and compiled[0].startswith("schema-compile")
+    assert refused.status_code == 413
+    assert refused.json()["error"]["message"].startswith("response_format.json_schema.schema: ")
+
+
 def slowed(model, monkeypatch, seconds: float) -> dict:
     generate, calls = model.model.generate, {"sizes": []}
 

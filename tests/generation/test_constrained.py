@@ -12,7 +12,7 @@ from helpers import Collector, inside_grammar, prompt_ids
 from kwanzaa_adapter.backend.serving.batching import BatchEngine, Ticket
 from kwanzaa_adapter.contract import parse_answer
 from kwanzaa_adapter.generation.decoding import generate
-from kwanzaa_adapter.generation.grammar import SchemaGrammar
+from kwanzaa_adapter.generation.grammar import CLIENT_SCHEMA_LIMITS, SchemaGrammar
 
 PROMPTS = [[{"role": "user", "content": q}] for q in ("When is Kwanzaa?", "Who created it?", "What is Kuumba?")]
 
@@ -60,3 +60,14 @@ def test_the_batch_engine_applies_a_constraint_to_its_row_only(tiny, tokenizer, 
     engine.close()
     assert inside_grammar(grammar, held.ids) and held_text.startswith('{"version"')
     assert not inside_grammar(grammar, free.ids)
+
+
+def test_a_client_schema_beyond_the_parser_limits_is_refused_by_llguidance(tokenizer):
+    # Small in its grammar per field, large in all: 300 alternatives of 30 patterned fields each.
+    schema = {"anyOf": [{"type": "object", "required": [f"p{i}"],
+                         "properties": {f"p{j}": {"type": "string", "pattern": f"^x{j}[0-9]{{{j % 9 + 1}}}$"}
+                                        for j in range(i, i + 30)}} for i in range(300)]}
+    assert SchemaGrammar(tokenizer, schema).constraint() is not None  # llguidance's defaults allow it
+    with pytest.raises(ValueError, match="grammar size"):
+        SchemaGrammar(tokenizer, schema, CLIENT_SCHEMA_LIMITS)
+    assert SchemaGrammar(tokenizer, None, CLIENT_SCHEMA_LIMITS).constraint() is not None  # the contract fits

@@ -1,6 +1,9 @@
 """A flood of bad requests for the HTTP server: every one must get a 4xx, and a good one must still
 be answered afterwards. Used by tests/reliability/test_server_flood.py and bench/reliability.py.
 
+`schema_flood` then sends, with the key, many distinct JSON Schemas (`response_format`) as large as
+the server accepts, all at once, while /healthz is asked over and over: it must answer within 1 s.
+
 The server runs with an API key and the default `ServeLimits`. The key is checked before the body
 is read, so a request without it tests only the 401: the flood has a few of those (missing and
 wrong keys, and some hostile bodies sent without a key) and is counted apart from the
@@ -16,8 +19,11 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -276,3 +282,61 @@ def still_answers(base_url: str, timeout: float = 120) -> bool:
         answer = client.post("/v1/answer", json=GOOD_ANSWER)
         chat = client.post("/v1/chat/completions", json=GOOD_CHAT)
     return health.status_code == answer.status_code == chat.status_code == 200 and "model" in answer.json()
+
+
+def flood_schema(number: int, max_bytes: int) -> dict:
+    """A JSON Schema of its own (no cache holds it), as close to `max_bytes` as compact JSON as fits."""
+    def schema(fields: int) -> dict:
+        names = [f"field_{number}_{i}" for i in range(fields)]
+        return {"type": "object", "required": names,
+                "properties": {name: {"type": "string", "pattern": f"^[a-z]{{1,8}}-{number}$"} for name in names}}
+
+    def size(fields: int) -> int:
+        return len(json.dumps(schema(fields), separators=(",", ":")))
+
+    low, high = 1, 2
+    while size(high) <= max_bytes:
+        low, high = high, high * 2
+    while high - low > 1:  # the most fields that fit: size(low) <= max_bytes < size(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if size(middle) <= max_bytes else (low, middle)
+    return schema(low)
+
+
+@dataclass
+class SchemaFlood:
+    healthz_max_s: float  # the slowest /healthz answer while the schemas were being compiled
+    healthz_answers: int
+    statuses: Counter  # of the schema requests; 429: too many compilations at once, retry
+
+
+def schema_flood(base_url: str, limits: ServeLimits = ServeLimits(), requests: int = 48, clients: int = 12,
+                 timeout: float = 120) -> SchemaFlood:
+    """`requests` distinct schemas of the largest size accepted, from `clients` clients at once, while
+    /healthz (without the key) is asked every 50 ms."""
+    schemas = [flood_schema(n, limits.max_schema_bytes - 16) for n in range(requests)]
+    done, latencies = threading.Event(), []
+
+    def watch() -> None:
+        with httpx.Client(base_url=base_url, timeout=timeout) as client:
+            while not done.is_set():
+                started = time.monotonic()
+                client.get("/healthz").raise_for_status()
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.05)
+
+    def ask(schema: dict) -> int:
+        body = {**GOOD_CHAT, "max_tokens": 1,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "flood", "schema": schema}}}
+        with httpx.Client(base_url=base_url, timeout=timeout, headers=AUTH) as client:
+            return client.post("/v1/chat/completions", json=body).status_code
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(max_workers=clients) as pool:
+            statuses = Counter(pool.map(ask, schemas))
+    finally:
+        done.set()
+        watcher.join(timeout=timeout)
+    return SchemaFlood(max(latencies, default=float("inf")), len(latencies), statuses)

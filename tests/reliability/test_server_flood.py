@@ -13,7 +13,7 @@ from kwanzaa_adapter.backend.serving.server import create_app
 from kwanzaa_adapter.config import load_training_config
 from tiny_artifact import tiny_artifact  # noqa: F401
 
-from .flood import KEY, bad_requests, flood, still_answers
+from .flood import KEY, bad_requests, flood, schema_flood, still_answers
 
 
 @pytest.fixture(scope="module")
@@ -39,4 +39,11 @@ def test_hundreds_of_bad_requests_get_4xx_and_a_good_one_is_still_answered(keyed
     assert {404, 405, 413, 422, 400} <= set(result.statuses["authenticated"])
     assert 401 not in result.statuses["authenticated"]
     assert set(result.statuses["unauthenticated"]) == {401, 405}  # 405: /healthz needs no key, but GET
+    assert still_answers(keyed_server)
+
+
+def test_a_flood_of_distinct_json_schemas_leaves_healthz_answering_within_a_second(keyed_server):
+    result = schema_flood(keyed_server)
+    assert result.healthz_answers >= 5 and result.healthz_max_s < 1.0, result
+    assert set(result.statuses) <= {200, 429} and result.statuses[200] >= 8, result.statuses  # 429: retry later
     assert still_answers(keyed_server)

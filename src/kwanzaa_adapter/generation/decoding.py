@@ -7,6 +7,7 @@ counts tokens the same way.
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -115,17 +116,35 @@ def generate(
 
 
 def sampler(temperature: float, top_p: float, generator: torch.Generator | None = None):
-    """Temperature and nucleus (top-p) sampling of one row of scores; None (greedy) at temperature 0."""
+    """Temperature and nucleus (top-p) sampling of one row of scores; None (greedy) at temperature 0.
+    `generator` (a CPU generator) is the row's own random state; None draws from torch's global one.
+
+    The draw is Gumbel-max (the argmax of the scores plus Gumbel noise, one value per token), not the
+    inverse of the cumulative distribution: the same noise picks the same token from scores that differ
+    in the last bits (a row alone or in a padded batch, on either engine), where a cumulative sum over the
+    vocabulary shifts every bin and would flip a draw every few tokens."""
     if temperature <= 0:
         return None
 
     def sample(scores: torch.Tensor) -> int:
-        probabilities = torch.softmax(scores.float() / temperature, dim=-1)
-        ordered, indices = torch.sort(probabilities, descending=True)
-        keep = torch.cumsum(ordered, dim=-1) - ordered < top_p  # the smallest set reaching top_p
-        kept = ordered * keep
-        return int(indices[torch.multinomial(kept / kept.sum(), 1, generator=generator)])
+        logits = scores.float().cpu() / temperature
+        if top_p < 1.0:
+            ordered, indices = torch.sort(torch.softmax(logits, dim=-1), descending=True)
+            outside = torch.cumsum(ordered, dim=-1) - ordered >= top_p  # beyond the smallest set reaching top_p
+            logits[indices[outside]] = float("-inf")
+        uniform = torch.rand(logits.shape, generator=generator).clamp_(min=torch.finfo(torch.float32).tiny)
+        return int(torch.argmax(logits - torch.log(-torch.log(uniform))))
     return sample
+
+
+def request_sampler(temperature: float, top_p: float, seed: int | None = None):
+    """`sampler` with a random state of the request's own: from `seed`, the same tokens for the same seed and
+    scores whatever else is generated beside it (a batch, another engine's thread); unseeded, a fresh one."""
+    if temperature <= 0:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return sampler(temperature, top_p, generator)
 
 
 class NotAJsonObject(StoppingCriteria):

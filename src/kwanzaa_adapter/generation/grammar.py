@@ -3,7 +3,8 @@
 At each step the grammar says which tokens may come next; every other logit is set to -inf, so
 that a finished answer is a valid contract object by construction (compact, keys in the contract's
 order, as training renders it). `SchemaGrammar` compiles a schema (the contract's by default, or
-a client's `response_format`) for one tokenizer; `constraint()` hands out one matcher per answer.
+a client's `response_format`, under `CLIENT_SCHEMA_LIMITS`) for one tokenizer; `constraint()` hands out
+one matcher per answer, a copy of the compiled one.
 `ContractLogits` applies them to a batch inside `model.generate` (evaluation, `generate`); the
 serving batch engine drives the same constraints through its own per-row bookkeeping.
 """
@@ -20,6 +21,14 @@ from transformers import LogitsProcessor
 from kwanzaa_adapter.contract import answer_json_schema
 
 CONSTRAINED_EXTRA_MISSING = "constrained decoding needs llguidance: pip install llguidance"
+
+# llguidance's own bounds on the work a client's schema may cause (`LLParserLimits`): a compilation in a
+# thread cannot be stopped from outside, so the parser must stop itself. The grammar's size and the
+# lexer's start-up fuel bound the compilation (a few tens of milliseconds at most here, against 1.6 s
+# for a 1 MiB schema under llguidance's defaults); lexer states bound its memory; the step limits
+# (llguidance's defaults) bound each token's mask. Errors leave the grammar out of the message.
+CLIENT_SCHEMA_LIMITS = {"max_grammar_size": 20_000, "initial_lexer_fuel": 200_000, "max_lexer_states": 50_000,
+                        "step_lexer_fuel": 200_000, "step_max_items": 50_000, "verbose_errors": False}
 
 
 class ContractConstraint:
@@ -61,22 +70,25 @@ def _grammar_tokenizer(tokenizer):
 class SchemaGrammar:
     """A JSON Schema (by default the answer contract's) compiled for `tokenizer` (a fast HF tokenizer)."""
 
-    def __init__(self, tokenizer, schema: dict | None = None):
+    def __init__(self, tokenizer, schema: dict | None = None, limits: dict | None = None):
+        """`limits`: llguidance `LLParserLimits` fields (`CLIENT_SCHEMA_LIMITS` for a client's schema);
+        ValueError when the schema does not compile within them."""
         try:
             import llguidance
         except ImportError:
             raise ImportError(CONSTRAINED_EXTRA_MISSING) from None
-        self._llguidance = llguidance
         self._tokenizer = _grammar_tokenizer(tokenizer)
         self.schema = schema if schema is not None else answer_json_schema()
-        self._grammar = llguidance.LLMatcher.grammar_from_json_schema(
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
             json.dumps(self.schema), defaults={"whitespace_flexible": False})
-        probe = llguidance.LLMatcher(self._tokenizer, self._grammar)
-        if probe.is_error():
-            raise ValueError(f"the JSON Schema does not compile to a grammar: {probe.get_error()}")
+        parser_limits = llguidance.LLParserLimits(**limits) if limits is not None else None
+        self._compiled = llguidance.LLMatcher(self._tokenizer, grammar, limits=parser_limits)
+        if self._compiled.is_error():
+            raise ValueError(f"the JSON Schema does not compile to a grammar: {self._compiled.get_error()}")
 
     def constraint(self) -> ContractConstraint:
-        return ContractConstraint(self._llguidance.LLMatcher(self._tokenizer, self._grammar))
+        """A matcher at the grammar's start: a copy of the compiled one (microseconds, not a recompilation)."""
+        return ContractConstraint(self._compiled.deep_copy())
 
 
 class ContractLogits(LogitsProcessor):

@@ -8,19 +8,18 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kwanzaa_adapter.backend.models.causal_lm import AnswerResult, CausalLMModel
 from kwanzaa_adapter.backend.serving.batching import BatchEngine, Event, Ticket
 from kwanzaa_adapter.backend.serving.guard import RequestGuard, error_response, rejection
 from kwanzaa_adapter.backend.serving.metrics import ServeMetrics
+from kwanzaa_adapter.backend.serving.schema_cache import SchemaCache
 from kwanzaa_adapter.backend.serving.schemas import (
     AnswerRequest,
     ChatCompletionRequest,
-    ResponseFormat,
     ServeLimits,
     ServeOptions,
     check_answer_request,
@@ -28,7 +27,6 @@ from kwanzaa_adapter.backend.serving.schemas import (
     generation_limit,
 )
 from kwanzaa_adapter.data.records import render_user_turn
-from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
 
 def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, options: ServeOptions) -> FastAPI:
@@ -38,18 +36,24 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
                          fast=model.fast)
     metrics = ServeMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
     engine.on_batch = metrics.batch_done
-    grammars = GrammarCache(model)
+    grammars = SchemaCache(model, limits, options)
     model.contract_grammar  # noqa: B018 - compiled now (about half a second), not in the first request
     app = FastAPI(title="kwanzaa-adapter", version=importlib.metadata.version("kwanzaa-adapter"))
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.grammars = engine, metrics, grammars
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes, on_answer=metrics.answered)
     _install_error_handlers(app)
 
     @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok", "model": model.name, **model.describe(),
-                "queue": {"depth": engine.queue_depth, "in_flight": engine.in_flight,
-                          "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue}}
+    def healthz(request: Request) -> JSONResponse:
+        # Open to all: alive and ready. Paths, digests, verification and the queue: to holders of the key
+        # (with no key configured, every route is open, and so are they).
+        ready = engine.ready
+        body = {"status": "ok" if ready else "shutting_down", "ready": ready}
+        if request.state.authorized:
+            body |= {"model": model.name, **model.describe(),
+                     "queue": {"depth": engine.queue_depth, "in_flight": engine.in_flight,
+                               "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue}}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
     def prometheus() -> Response:
@@ -76,15 +80,17 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
         # A client's own response_format is its own contract: the gate, which forces the kwanzaa answer's
         # decision, stays out of it, and the reply says so.
         own_format = body.response_format is not None and body.response_format.type != "text"
-        pending = Pending(engine, ids, tokens, body.temperature, body.top_p, grammars.for_format(body.response_format),
-                          gated=model.gate is not None and not own_format)
+        constraint = await grammars.for_format(body.response_format)  # compiled off the event loop
+        pending = Pending(engine, ids, tokens, body.temperature, body.top_p, constraint,
+                          gated=model.gate is not None and not own_format, stop=body.stop_sequences, seed=body.seed)
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
         if model.gate is not None and own_format:
             completion["gate"] = {"applied": False, "reason": "the request brings its own response_format"}
         if body.stream:
             first = await pending.first_event()  # a queue timeout is still a 503, not a broken stream
-            return StreamingResponse(sse_events(pending, first, completion, metrics), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(sse_events(pending, first, completion, metrics, usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = await pending.text(request)
         metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
         gate = {"gate": {"applied": True, **pending.ticket.gate}} if pending.ticket.gate is not None else {}
@@ -94,36 +100,6 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
                 "usage": pending.usage(), **gate}
 
     return app
-
-
-class GrammarCache:
-    """Compiled grammars: the contract's, and the last few JSON Schemas clients asked for."""
-
-    def __init__(self, model: CausalLMModel, size: int = 16):
-        self.model, self.size, self.compiled = model, size, {}
-
-    def contract(self):
-        return self.model.contract_grammar.constraint()
-
-    def for_format(self, response_format: ResponseFormat | None):
-        if response_format is None or response_format.type == "text":
-            return None
-        if response_format.type == "json_object":
-            schema: dict[str, Any] = {"type": "object"}
-        elif response_format.json_schema is None:
-            raise rejection(422, "response_format.json_schema: required when type is json_schema")
-        else:
-            schema = response_format.json_schema.schema_
-        key = json.dumps(schema, sort_keys=True)
-        if key not in self.compiled:
-            try:
-                grammar = SchemaGrammar(self.model.tokenizer, schema)
-            except ValueError as exc:
-                raise rejection(422, f"response_format.json_schema.schema: {exc}") from None
-            while len(self.compiled) >= self.size:
-                self.compiled.pop(next(iter(self.compiled)))
-            self.compiled[key] = grammar
-        return self.compiled[key].constraint()
 
 
 def chat_messages(body: ChatCompletionRequest, system_prompt: str, default_system_prompt: bool) -> list[dict]:
@@ -149,9 +125,11 @@ class Pending:
     """One request in the batch engine, seen from the event loop."""
 
     def __init__(self, engine: BatchEngine, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, constraint=None, gated: bool = False):
+                 top_p: float = 1.0, constraint=None, gated: bool = False, stop: tuple[str, ...] = (),
+                 seed: int | None = None):
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
-        self.ticket = Ticket(ids, max_new_tokens, self._emit, temperature, top_p, constraint, gated=gated)
+        self.ticket = Ticket(ids, max_new_tokens, self._emit, temperature, top_p, constraint, gated=gated, stop=stop,
+                             seed=seed)
         engine.submit(self.ticket)  # QueueFull / ShuttingDown: the error handlers answer 429 / 503
 
     def _emit(self, event: Event) -> None:
@@ -210,12 +188,15 @@ class Pending:
                 self.ticket.cancel()
 
 
-async def sse_events(pending: Pending, first: Event, completion: dict, metrics) -> AsyncIterator[str]:
-    """OpenAI chat.completion.chunk events, then `data: [DONE]`; an error mid-stream is an error event."""
+async def sse_events(pending: Pending, first: Event, completion: dict, metrics,
+                     include_usage: bool = False) -> AsyncIterator[str]:
+    """OpenAI chat.completion.chunk events, then `data: [DONE]`; an error mid-stream is an error event.
+    With `include_usage`, every chunk has `usage: null` and a last one, with no choices, the usage."""
 
-    def chunk(delta: dict, finish_reason: str | None = None) -> str:
-        body = {**completion, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    def chunk(delta: dict | None, finish_reason: str | None = None) -> str:
+        choices = [{"index": 0, "delta": delta, "finish_reason": finish_reason}] if delta is not None else []
+        usage = {"usage": pending.usage() if delta is None else None} if include_usage else {}
+        body = {**completion, "object": "chat.completion.chunk", "choices": choices, **usage}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
@@ -229,6 +210,8 @@ async def sse_events(pending: Pending, first: Event, completion: dict, metrics) 
         else:
             metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
             yield chunk({}, pending.ticket.finish_reason)
+            if include_usage:
+                yield chunk(None)
             yield "data: [DONE]\n\n"
 
 
@@ -238,10 +221,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     from kwanzaa_adapter.backend.models.causal_lm import PromptTooLongError
     from kwanzaa_adapter.backend.serving.batching import QueueFull, QueueTimeout, ShuttingDown
+    from kwanzaa_adapter.backend.serving.schema_cache import SchemasBusy
 
     @app.exception_handler(QueueFull)
     async def queue_full(request, exc):
         return error_response(429, "queue_full", str(exc), {"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(SchemasBusy)
+    async def schemas_busy(request, exc):
+        return error_response(429, "schemas_busy", str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(QueueTimeout)
     async def queue_timeout(request, exc):

@@ -1,13 +1,15 @@
 """One model, many clients: concurrent generation requests gathered into batches (serving).
 
-A request is a `Ticket`: prompt ids, its own `max_new_tokens`, its own sampling settings, an
-optional constraint (a grammar that decides which tokens may come next) and an `emit` callback.
-`BatchEngine` runs one worker thread: it takes the oldest waiting ticket, waits at most
-`gather_s` for company, and generates up to `max_batch_size` tickets with the same sampling
-settings together (left padding, one `model.generate`). Each row ends on its own: at an
-end-of-turn token, at its own token limit, when its constraint is complete, or when its client goes
-away (`Ticket.cancel`). Tokens are decoded as they come and emitted as `delta` events, then one
-`done` (or `error`) event.
+A request is a `Ticket`: prompt ids, its own `max_new_tokens`, its own sampling settings and random
+state (`seed`), its own stop sequences, an optional constraint (a grammar that decides which tokens
+may come next) and an `emit` callback. `BatchEngine` runs one worker thread: it takes the oldest
+waiting ticket, waits at most `gather_s` for company, and generates up to `max_batch_size` tickets
+together (left padding, one `model.generate`; or the fast engine). Each row chooses its own tokens:
+greedy, or sampled from its own generator, so that a seeded answer is the same alone or in any
+batch. Each row ends on its own: at an end-of-turn token, at one of its stop sequences (the text
+ends before it), at its own token limit, when its constraint is complete, or when its client goes
+away (`Ticket.cancel`). Tokens are decoded as they come and emitted as `delta` events (a tail that
+may begin a stop sequence is held back until it is known not to), then one `done` (or `error`) event.
 
 The queue is bounded: beyond `max_queue` waiting tickets `submit` raises QueueFull (HTTP 429 with
 Retry-After), and a ticket that waited longer than `queue_timeout_s` is answered QueueTimeout (503)
@@ -29,7 +31,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding, sampler
+from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding, request_sampler
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap
 from kwanzaa_adapter.generation.llamacpp import Row
 
@@ -69,6 +71,8 @@ class Ticket:
     top_p: float = 1.0
     constraint: object | None = None  # .restrict(row scores), .advance(token), .done (generation/grammar.py)
     gated: bool = False  # the engine's answerability gate decides answer or refuse for this ticket
+    stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first one it contains
+    seed: int | None = None  # the sampler's random state (temperature > 0); None: a fresh one
     gate: dict | None = None  # after generation, when gated: {"decision", "refuse_probability"}
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -77,10 +81,32 @@ class Ticket:
     text: str = ""
     finish_reason: str | None = None
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    _decoded: str = ""  # the whole answer decoded so far; `text` is what was emitted of it
+
+    def __post_init__(self) -> None:
+        self.sample = request_sampler(*self.sampling, self.seed)  # None: greedy
 
     @property
     def sampling(self) -> tuple[float, float]:
         return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+
+    def take_text(self, text: str) -> None:
+        """The answer decoded so far: emit what is new, up to a stop sequence (then finish) or short of a
+        tail that may begin one (held back until the next token tells)."""
+        self._decoded = text
+        found = [at for stop in self.stop if (at := text.find(stop)) >= 0]
+        if found:
+            self._decoded = text[:max(min(found), len(self.text))]
+            self.finish("stop")
+            return
+        held = max((k for stop in self.stop for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])),
+                   default=0)
+        self._send(text[:len(text) - held])
+
+    def _send(self, text: str) -> None:
+        delta, self.text = text[len(self.text):], text
+        if delta:
+            self.emit(Event("delta", text=delta))
 
     @property
     def finished(self) -> bool:
@@ -96,6 +122,8 @@ class Ticket:
 
     def finish(self, reason: str) -> None:
         if not self.finished:
+            if len(self._decoded) > len(self.text):  # a held-back tail that began no stop sequence after all
+                self._send(self._decoded)
             self.finish_reason = reason
             self.emit(Event("done", finish_reason=reason))
 
@@ -151,6 +179,15 @@ class _Rows(BaseStreamer):
                 scores[row] = ticket.constraint.restrict(scores[row])
         return scores
 
+    def choose(self, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Each sampled row draws its token from its own generator; generate()'s greedy pick then takes it."""
+        for row, ticket in enumerate(self.batch):
+            if ticket.sample is not None and not ticket.finished:
+                token = ticket.sample(scores[row])
+                scores[row] = float("-inf")
+                scores[row, token] = 0.0
+        return scores
+
 
 class _Stopping(StoppingCriteria):
     def __init__(self, rows: _Rows):
@@ -166,6 +203,14 @@ class _Constraints(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         return self.rows.mask(scores)
+
+
+class _Sampling(LogitsProcessor):  # last: it samples from what the grammar and the gate allow
+    def __init__(self, rows: _Rows):
+        self.rows = rows
+
+    def __call__(self, input_ids, scores):
+        return self.rows.choose(scores)
 
 
 def _recorder(batch: list[Ticket]):
@@ -221,6 +266,11 @@ class BatchEngine:
         return sum(not t.finished for t in self._running)
 
     @property
+    def ready(self) -> bool:
+        """Taking requests: the worker runs and no shutdown has begun."""
+        return not self._closing and self._thread.is_alive()
+
+    @property
     def aborting(self) -> bool:
         return self._abort_at is not None and time.monotonic() >= self._abort_at
 
@@ -242,11 +292,8 @@ class BatchEngine:
 
     def emit_text(self, ticket: Ticket) -> None:
         text = self.tokenizer.decode(ticket.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        delta, ticket.text = text[len(ticket.text):], text
-        if delta:
-            ticket.emit(Event("delta", text=delta))
+        if not text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            ticket.take_text(text)
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
@@ -288,12 +335,10 @@ class BatchEngine:
                 if self._closing:
                     return None
                 self._cond.wait(timeout=0.5)
-            key = self._waiting[0].sampling
             deadline = time.monotonic() + self.gather_s
-            while (sum(t.sampling == key for t in self._waiting) < self.max_batch_size
-                   and (left := deadline - time.monotonic()) > 0):
+            while len(self._waiting) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(timeout=left)
-            batch = [t for t in self._waiting if t.sampling == key][: self.max_batch_size]
+            batch = list(self._waiting)[: self.max_batch_size]  # rows sample apart: any settings mix
             for ticket in batch:
                 self._waiting.remove(ticket)
                 ticket.started_at = time.monotonic()
@@ -307,9 +352,6 @@ class BatchEngine:
         with left_padding(self.tokenizer):
             inputs = self.tokenizer.pad({"input_ids": [t.prompt_ids for t in batch]}, return_tensors="pt")
         inputs = inputs.to(self.device)
-        temperature, top_p = batch[0].sampling
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
-            else {"do_sample": False}
         rows = _Rows(self, batch)
         processors = LogitsProcessorList([_Constraints(rows)] if any(t.constraint for t in batch) else [])
         gate = self.gate if any(t.gated for t in batch) else None
@@ -317,17 +359,19 @@ class BatchEngine:
             if gate is not None:  # after the grammar: of the tokens it allows, the decision keeps its own
                 processors.append(GateLogits(self.tokenizer, inputs["input_ids"].shape[1], gate=gate, tap=tap,
                                              active=[t.gated for t in batch], on_decision=_recorder(batch)))
+            if any(t.sample is not None for t in batch):
+                processors.append(_Sampling(rows))
             self.model.generate(**inputs, max_new_tokens=max(t.max_new_tokens for t in batch),
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id, use_cache=True,
                                 streamer=rows, stopping_criteria=StoppingCriteriaList([_Stopping(rows)]),
-                                logits_processor=processors, **sampling)
+                                logits_processor=processors, do_sample=False)
         for ticket in batch:  # generate() stopped at the longest limit: every row has ended
             ticket.finish("length" if len(ticket.ids) >= ticket.max_new_tokens else "stop")
 
     def _generate_fast(self, batch: list[Ticket]) -> None:
         """The batch on the fast engine: the same tickets, events and endings, one sequence per ticket."""
         rows = [Row(t.prompt_ids, t.max_new_tokens, t.constraint, gated=t.gated and self.gate is not None,
-                    sample=sampler(*t.sampling), json_only=False) for t in batch]
+                    sample=t.sample, json_only=False) for t in batch]
         record = _recorder(batch)
         gate = self.gate if any(row.gated for row in rows) else None
         for index, token in self.fast.decode(self.tokenizer, rows, self.stop_ids, gate):

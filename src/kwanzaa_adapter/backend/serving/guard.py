@@ -25,7 +25,9 @@ def rejection(status: int, message: str) -> Exception:
 
 class RequestGuard:
     """ASGI middleware: API key (all routes but /healthz) and request body size, before the app runs;
-    `on_answer(route, status, seconds)` hears of every /v1/ request once its last byte is sent."""
+    `on_answer(route, status, seconds)` hears of every /v1/ request once its last byte is sent.
+    A route reads `request.state.authorized`: the key was sent, or none is configured (/healthz says
+    more to those)."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, on_answer: Callable | None = None):
         self.app, self.max_body_bytes, self.on_answer = app, max_body_bytes, on_answer
@@ -49,7 +51,9 @@ class RequestGuard:
 
     async def _guarded(self, scope, receive, send):
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"] != "/healthz" and not self._authorized(headers):
+        authorized = self.api_key is None or self._authorized(headers)
+        scope.setdefault("state", {})["authorized"] = authorized
+        if not authorized and scope["path"] != "/healthz":
             response = error_response(401, "unauthorized",
                                       "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                       {"WWW-Authenticate": "Bearer"})

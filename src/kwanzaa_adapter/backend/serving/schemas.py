@@ -3,8 +3,9 @@ the checks that turn an over-large request into a 4xx before any generation."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +27,8 @@ class ServeLimits:
     max_messages: int = 32
     max_message_chars: int = 40_000
     max_new_tokens: int = 512
+    max_schema_bytes: int = 64 << 10  # a response_format's JSON Schema, as canonical JSON
+    max_stop_chars: int = 1_000  # each stop sequence
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,9 @@ class ServeOptions:
     gather_ms: float = 5.0  # how long the first request of a batch waits for company
     shutdown_grace_s: float = 30.0
     default_system_prompt: bool = True  # the training system prompt for chat requests that bring none
+    schema_workers: int = 2  # threads that compile clients' JSON Schemas, off the event loop
+    max_schema_compilations: int = 8  # compiling or waiting for a thread; beyond: 429
+    schema_cache_size: int = 64  # compiled schemas kept, by digest
 
 
 class AnswerRequest(BaseModel):
@@ -64,21 +70,72 @@ class ResponseFormat(BaseModel):
     json_schema: JsonSchemaFormat | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(default=False, description="A last chunk, with empty choices, carries the usage.")
+
+
 class ChatCompletionRequest(BaseModel):
-    # OpenAI clients send fields this server does not use (user, stop, ...): accepted, ignored.
-    model_config = ConfigDict(extra="ignore")
+    # Every other field is looked at by `check_openai_options`: accepted as a hint, or at the default of an
+    # option this server does not implement, or refused (400) by name; never silently ignored.
+    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 is greedy (the default here).")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1, le=1, description="One choice per request.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 sequences; the answer ends before "
+                                                                   "the first one it would contain.")
+    seed: int | None = Field(default=None, ge=-(1 << 63), le=(1 << 64) - 1,
+                             description="The sampler's random state: the same answer for the same seed.")
     documents: list[Document] | None = Field(default=None, description="Retrieved documents (extra_body): "
                                                                         "rendered into the last user turn.")
     response_format: ResponseFormat | None = None
+
+    @property
+    def stop_sequences(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+# OpenAI options this server does not implement. A client that does not use one leaves it out or sends
+# null or its default (listed here) and is served; any other value is refused, naming the field.
+UNSUPPORTED_OPTIONS: dict[str, tuple] = {
+    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "tools": ([],), "tool_choice": ("none",),
+    "functions": ([],), "function_call": ("none",), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "logit_bias": ({},), "modalities": (["text"],), "store": (False,), "audio": (), "prediction": (),
+    "reasoning_effort": (), "verbosity": (), "web_search_options": (),
+}
+# Fields that change nothing in the answer (who asks, tracing, caching and routing hints): accepted as sent.
+HINTS = frozenset({"user", "metadata", "service_tier", "prompt_cache_key", "safety_identifier",
+                   "parallel_tool_calls"})
+
+
+def _is_default(value: Any, defaults: tuple) -> bool:
+    return value is None or any(isinstance(value, bool) == isinstance(default, bool) and value == default
+                                for default in defaults)
+
+
+def check_openai_options(request: ChatCompletionRequest, limits: ServeLimits) -> None:
+    for name, value in (request.model_extra or {}).items():
+        if name in UNSUPPORTED_OPTIONS:
+            if not _is_default(value, UNSUPPORTED_OPTIONS[name]):
+                accepted = " or ".join(["null", *(json.dumps(d) for d in UNSUPPORTED_OPTIONS[name])])
+                raise rejection(400, f"{name}: not supported by this server (accepted: {accepted}); leave it out")
+        elif name not in HINTS:
+            raise rejection(400, f"{name}: not a parameter of /v1/chat/completions on this server")
+    if request.stream_options is not None and not request.stream:
+        raise rejection(400, "stream_options: only allowed when stream is true")
+    stops = request.stop_sequences
+    if len(stops) > 4:
+        raise rejection(422, f"stop: {len(stops)} sequences given, at most 4")
+    for number, stop in enumerate(stops):
+        if not stop or len(stop) > limits.max_stop_chars:
+            raise rejection(422, f"stop[{number}]: {len(stop)} characters, from 1 to {limits.max_stop_chars}")
 
 
 def generation_limit(asked: int | None, model: CausalLMModel, limits: ServeLimits, field: str) -> int:
@@ -109,3 +166,4 @@ def check_chat_request(request: ChatCompletionRequest, limits: ServeLimits) -> N
     if total > limits.max_message_chars:
         raise rejection(413, f"messages: {total} characters in all, at most {limits.max_message_chars}")
     check_documents(request.documents or [], limits)
+    check_openai_options(request, limits)

@@ -5,9 +5,15 @@
   training system prompt is applied when the request brings none; retrieved `documents` beside
   `messages` (the OpenAI client's `extra_body`) are rendered into the last user turn with the
   training template; `response_format` (`json_object`, `json_schema`) is honoured by constrained
-  decoding.
-- `GET /healthz`: base model, adapter, verification, queue depth and requests in flight (no key)
-- `GET /metrics`: Prometheus text format
+  decoding, the client's schema compiled off the event loop (`schema_cache`: at most 64 KiB, llguidance's
+  parser limits, a few compilations at once, then 429; cached by digest). `stop` (OpenAI semantics:
+  the answer ends before the sequence, finish_reason "stop"), `seed` (a sampled answer's own random
+  state: the same alone or in a batch, on either engine) and `stream_options.include_usage` (a last
+  chunk with the usage) are honoured; an option it does not implement (logprobs, tools, penalties,
+  logit_bias, n > 1, ...) or an unknown field is refused with 400 naming it unless at its default.
+- `GET /healthz`: without the key, only alive and ready (503 once shutting down); with it (or with no
+  key configured), also base model and digest, adapter path and verification, queue and requests in flight
+- `GET /metrics`: Prometheus text format (needs the key)
 
 Concurrent requests are generated together (`batching`): up to `--max-batch-size` per batch; at
 most `--max-queue` wait (then 429 with Retry-After), none longer than `--queue-timeout` (then 503).
@@ -16,8 +22,8 @@ what is in flight finish within the grace period, ends the rest with an error ev
 
 Every error is a JSON `{"error": {"type", "message"}}`; bad requests get a 4xx and the server
 stays up. When `KWANZAA_ADAPTER_API_KEY` is set, every route but /healthz needs
-`Authorization: Bearer <key>`. Bodies, documents, text lengths and generation lengths are bounded
-(`ServeLimits`).
+`Authorization: Bearer <key>`, and /healthz tells its details only to those who send it. Bodies,
+documents, text lengths and generation lengths are bounded (`ServeLimits`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ def serve(model: CausalLMModel, host: str = "127.0.0.1", port: int = 8000, limit
                             timeout_graceful_shutdown=options.shutdown_grace_s + 5)
     Server(config).run()
     engine.close(0)
+    app.state.grammars.close()
 
 
 def serve_extra_installed() -> bool:
