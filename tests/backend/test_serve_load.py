@@ -116,6 +116,39 @@ def test_a_client_schema_compiles_once_per_digest_in_a_compile_thread_and_is_bou
     assert refused.json()["error"]["message"].startswith("response_format.json_schema.schema: ")
 
 
+def test_compilations_beyond_the_bound_get_429_while_healthz_and_the_same_schema_wait_for_none(model, monkeypatch):
+    """One compilation held in its thread: /healthz answers at once, a second client with the same schema waits
+    for that compilation (not a second one), a distinct schema beyond `max_schema_compilations` gets 429."""
+    from kwanzaa_adapter.backend.serving import schema_cache
+
+    release, compiled, compile_ = threading.Event(), [], schema_cache.SchemaGrammar
+
+    def held(*args):
+        compiled.append(args[1])
+        assert release.wait(timeout=10)
+        return compile_(*args)
+
+    monkeypatch.setattr(schema_cache, "SchemaGrammar", held)
+    first, other = ({"type": "object", "properties": {name: {"type": "integer"}}} for name in ("a", "b"))
+    with running(create_app(model, options=ServeOptions(max_schema_compilations=1))) as url, \
+            ThreadPoolExecutor(max_workers=2) as pool:
+        def ask(schema: dict) -> httpx.Response:
+            return httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+
+        waiting = [pool.submit(ask, first), pool.submit(ask, first)]
+        while not compiled:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200 and time.monotonic() - started < 1
+        busy = ask(other)
+        release.set()
+        statuses = [future.result().status_code for future in waiting]
+    assert busy.status_code == 429 and busy.json()["error"]["type"] == "schemas_busy" and busy.headers["Retry-After"]
+    assert statuses == [200, 200] and compiled == [first]
+
+
 def slowed(model, monkeypatch, seconds: float) -> dict:
     generate, calls = model.model.generate, {"sizes": []}
 
