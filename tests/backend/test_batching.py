@@ -10,7 +10,8 @@ import pytest
 
 from conftest import build_tiny_model
 from helpers import Collector, prompt_ids
-from kwanzaa_adapter.backend.serving.batching import BatchEngine, QueueFull, QueueTimeout, ShuttingDown, Ticket
+from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.tickets import QueueFull, QueueTimeout, ShuttingDown, Ticket
 
 QUESTIONS = ["When is Kwanzaa?", "Who created Kwanzaa, and in which year was it first celebrated?",
              "What does Umoja mean?", "Name the seven principles of Kwanzaa, in order, with a word on each one.",

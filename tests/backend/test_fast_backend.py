@@ -4,6 +4,7 @@ batches and the GGUF export on the tiny 4-bit artifact, against the reference pa
 from __future__ import annotations
 
 import json
+import queue
 
 import pytest
 from helpers import Collector, prompt_ids
@@ -11,7 +12,8 @@ from tiny_artifact import copy_artifact, flip_last_byte, tiny_artifact  # noqa: 
 
 from kwanzaa_adapter.backend.gguf_export import GGUF_REQUIRED, export_gguf
 from kwanzaa_adapter.backend.models import model_from_config
-from kwanzaa_adapter.backend.serving.batching import BatchEngine, Ticket
+from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.tickets import Ticket
 from kwanzaa_adapter.cli import main
 from kwanzaa_adapter.config import load_training_config
 from kwanzaa_adapter.data.records import Document
@@ -84,6 +86,54 @@ def test_serving_batches_on_the_fast_engine_equal_the_reference(both, tokenizer)
     assert outcomes[0] == outcomes[1]
     for (text, ids, reason), limit in zip(outcomes[1], limits):
         assert len(ids) <= limit and reason == ("length" if len(ids) == limit else "stop")
+
+
+def test_requests_that_arrive_during_a_fast_batch_join_it_and_answer_as_they_do_alone(both, tokenizer):
+    """Continuous batching: a request submitted while a batch decodes starts at its next step (one batch
+    run, not two) and gets the answer it gets alone; a prompt too long for the running context waits for
+    the next batch, and the short one behind it is not let pass."""
+    _, fast = both
+    # An engine of its own: its context is sized by this test's prompts only.
+    engine = BatchEngine(fast.model, fast.tokenizer, max_batch_size=4, gather_s=0, fast=LlamaCppEngine(fast.fast.path))
+    runs = queue.Queue()  # the size of each batch run, as it ends
+    engine.on_batch = lambda tickets, seconds: runs.put(len(tickets))
+    long_question = "Tell me, with every detail the documents hold, " * 6 + QUESTIONS[2]
+    asked = {question: prompt_ids(tokenizer, question) for question in (*QUESTIONS, long_question)}
+
+    def answer(question: str, limit: int, arrivals: tuple[str, ...] = ()) -> tuple[list[Ticket], list[int]]:
+        """`question` alone, or with `arrivals` submitted when its second token has been emitted: the tickets,
+        and the sizes of the batch runs that answered them (each run ends after its tickets' last events)."""
+        later = [Ticket(asked[q], 12, Collector()) for q in arrivals]
+        collector = Collector()
+
+        def emit(event) -> None:
+            collector(event)
+            if event.kind == "delta" and len(first.ids) == 2:
+                for ticket in later:
+                    engine.submit(ticket)
+
+        first = Ticket(asked[question], limit, emit)
+        engine.submit(first)
+        collector.result()
+        for ticket in later:
+            ticket.emit.result()
+        sizes = [runs.get(timeout=60)]
+        while sum(sizes) < 1 + len(later):
+            sizes.append(runs.get(timeout=60))
+        return [first, *later], sizes
+
+    alone = {q: answer(q, 40 if q == QUESTIONS[0] else 12) for q in QUESTIONS}
+    assert all(sizes == [1] for _, sizes in alone.values())
+    (first, joined), sizes = answer(QUESTIONS[0], 40, (QUESTIONS[1],))
+    assert sizes == [2] and joined.started_at > first.first_token_at  # it joined the running batch
+    assert (first.ids, joined.ids) == (alone[QUESTIONS[0]][0][0].ids, alone[QUESTIONS[1]][0][0].ids)
+    assert len(first.ids) == 40 and len(joined.ids) == 12
+    # The context is sized for the short prompts seen so far (it only grows): the long one does not fit.
+    (first, too_long, behind), sizes = answer(QUESTIONS[0], 40, (long_question, QUESTIONS[2]))
+    assert sizes == [1, 2]  # the long one waited for the next batch, and the short one behind it too
+    assert behind.ids == alone[QUESTIONS[2]][0][0].ids
+    assert too_long.ids == answer(long_question, 12)[0][0].ids
+    engine.close()
 
 
 def test_gguf_export_is_sealed_loads_in_llamacpp_and_matches_the_trained_model(tiny_artifact, tmp_path,  # noqa: F811

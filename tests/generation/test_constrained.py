@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ROOT, build_tiny_model
 from helpers import Collector, inside_grammar, prompt_ids
-from kwanzaa_adapter.backend.serving.batching import BatchEngine, Ticket
+from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.tickets import Ticket
 from kwanzaa_adapter.contract import parse_answer
 from kwanzaa_adapter.generation.decoding import generate
 from kwanzaa_adapter.generation.grammar import CLIENT_SCHEMA_LIMITS, SchemaGrammar

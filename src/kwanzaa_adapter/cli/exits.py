@@ -14,7 +14,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.config import ConfigError
     from kwanzaa_adapter.data.validation import DataError
     from kwanzaa_adapter.evaluation.eval_set import EvaluationDataError
-    from kwanzaa_adapter.generation.llamacpp import EngineUnavailable
+    from kwanzaa_adapter.generation.llamacpp_api import EngineUnavailable
     from kwanzaa_adapter.modeling.derived import DerivationError
     from kwanzaa_adapter.modeling.sources import ModelReferenceError
     from kwanzaa_adapter.safety.artifacts import ArtifactError

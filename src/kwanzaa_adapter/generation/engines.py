@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kwanzaa_adapter.config import KwanzaaConfig
-from kwanzaa_adapter.generation.llamacpp import EngineUnavailable, LlamaCppEngine
+from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
+from kwanzaa_adapter.generation.llamacpp_api import EngineUnavailable
 from kwanzaa_adapter.modeling.derived import DerivationError, derived_gguf
 from kwanzaa_adapter.modeling.precision import machine_identity
 

@@ -17,8 +17,6 @@ need it is made without it.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import threading
 import time
@@ -33,69 +31,9 @@ from tqdm.auto import tqdm
 from kwanzaa_adapter.generation.decoding import GenerationResult, cannot_be_json, until_stop
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
+from kwanzaa_adapter.generation.llamacpp_api import BlockTap, EngineUnavailable, bindings
 
 ENGINE_NAME = "llama.cpp"
-LLAMACPP_MISSING = ("the llama.cpp engine is not installed in this environment: `make setup` builds it "
-                    "(scripts/build_llamacpp.sh)")
-
-
-class EngineUnavailable(RuntimeError):
-    """The fast engine cannot run here (not built, or the model cannot be converted); the reference runs."""
-
-
-@functools.lru_cache(maxsize=1)
-def bindings():
-    """The `llama_cpp` C-API module, the backend initialised once, llama.cpp's logging silenced."""
-    try:
-        import llama_cpp
-    except (ImportError, OSError, RuntimeError) as exc:  # OSError: bindings present, library missing
-        raise EngineUnavailable(f"{LLAMACPP_MISSING} ({type(exc).__name__}: {exc})") from None
-    llama_cpp.llama_backend_init()
-    quiet = llama_cpp.llama_log_callback(lambda level, text, data: None)
-    llama_cpp.llama_log_set(quiet, None)
-    bindings.keep = quiet  # the C side holds a pointer to it: it must outlive every call
-    return llama_cpp
-
-
-@functools.lru_cache(maxsize=1)
-def _ggml():
-    """libggml-base beside the bindings' library: tensor names and data for the evaluation callback."""
-    llama_cpp = bindings()
-    directory = Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(llama_cpp.__file__).parent / "lib")
-    lib = ctypes.CDLL(str(directory / "libggml-base.so"))
-    lib.ggml_get_name.argtypes, lib.ggml_get_name.restype = [ctypes.c_void_p], ctypes.c_char_p
-    lib.ggml_nbytes.argtypes, lib.ggml_nbytes.restype = [ctypes.c_void_p], ctypes.c_size_t
-    lib.ggml_nelements.argtypes, lib.ggml_nelements.restype = [ctypes.c_void_p], ctypes.c_int64
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    lib.ggml_backend_tensor_get.restype = None
-    return lib
-
-
-def engine_version() -> str:
-    return f"llama-cpp-python {bindings().__version__}"
-
-
-class _BlockTap:
-    """The evaluation callback: while armed, copies block `layer`'s output at the last token of the batch."""
-
-    def __init__(self, layer: int, width: int):
-        self.name, self.width = f"l_out-{layer - 1}".encode(), width
-        self.armed, self.value = False, None
-        self.callback = bindings().ggml_backend_sched_eval_callback(self._observe)
-
-    def _observe(self, tensor, ask, _data) -> bool:
-        if not self.armed:
-            return not ask  # unarmed: nothing asked for, and nothing to stop
-        lib = _ggml()
-        if ask:
-            return lib.ggml_get_name(tensor) == self.name
-        size = lib.ggml_nbytes(tensor)
-        if size != lib.ggml_nelements(tensor) * 4 or size % (self.width * 4):
-            raise RuntimeError(f"{self.name.decode()} is not float32 rows of {self.width}")
-        row = np.empty(self.width, dtype=np.float32)
-        lib.ggml_backend_tensor_get(tensor, row.ctypes.data, size - self.width * 4, self.width * 4)
-        self.value = row  # a prompt longer than one micro-batch: the last call holds the last token
-        return True
 
 
 @dataclass
@@ -135,7 +73,7 @@ class LlamaCppEngine:
         self.width = api.llama_model_n_embd(self.model)
         self.window = api.llama_model_n_ctx_train(self.model)
         self.threads = threads or min(os.cpu_count() or 1, 8)
-        self.tap = _BlockTap(gate_layer, self.width) if gate_layer else None
+        self.tap = BlockTap(gate_layer, self.width) if gate_layer else None
         self._held = None  # (context, (sequences, tokens per sequence, batch), llama_batch)
         self.lock = threading.Lock()
 
@@ -264,7 +202,8 @@ class LlamaCppEngine:
                                 [row.probability for row in rows] if held else [])
 
     def decode(self, tokenizer, rows: list[Row], stop_ids: Sequence[int], gate: AnswerabilityGate | None = None,
-               hold: bool | None = None) -> Iterator[tuple[int, int]]:
+               hold: bool | None = None, join: Callable | None = None,
+               room: tuple[int, int, int] | None = None) -> Iterator[tuple[int, int]]:
         """Decode `rows` together, yielding (row index, token) as each token is chosen; holds the engine.
 
         Each prompt is pre-filled once (the gate reads its features there, for the rows it decides)
@@ -272,22 +211,26 @@ class LlamaCppEngine:
         one token per `llama_decode`. A row ends at an
         end-of-turn token (yielded too), at its limit, or when its consumer sets `done`. `hold`
         (default: with a gate) holds each decided row to its decision (`GateLogits.hold`).
+
+        Continuous batching: `join(free, fits)`, when given, is asked before each step for rows to start
+        now, at most `free`, each one that `fits(prompt tokens, new tokens)` the context; they are appended
+        to `rows`, pre-filled into sequences of their own, and decode from the next step. `room`
+        (sequences, tokens per sequence, pre-fill tokens) sizes the context for them from the start.
         """
         with self.lock:
-            yield from self._decode_rows(tokenizer, rows, stop_ids, gate, gate is not None if hold is None else hold)
+            yield from self._decode_rows(tokenizer, rows, stop_ids, gate, gate is not None if hold is None else hold,
+                                         join, room)
 
-    def _decode_rows(self, tokenizer, rows, stop_ids, gate, hold) -> Iterator[tuple[int, int]]:
-        tapped = gate is not None and any(row.gated for row in rows)
-        if tapped and (self.tap is None or self.tap.name != f"l_out-{gate.layer - 1}".encode()):
-            raise ValueError(f"this engine was loaded without a tap on block {gate.layer}: pass gate_layer")
+    def _decode_rows(self, tokenizer, rows, stop_ids, gate, hold, join, room) -> Iterator[tuple[int, int]]:
         longest = max(len(row.prompt) + row.max_new_tokens for row in rows)
         if longest > self.window:
             raise ValueError(f"a prompt and its new tokens ({longest}) exceed the model's context window of "
                              f"{self.window} tokens")
-        decoder = self._context(len(rows), longest, max(len(row.prompt) for row in rows))
+        needed = (len(rows), longest, max(len(row.prompt) for row in rows))
+        decoder = self._context(*(max(n, min(r, self.window)) for n, r in zip(needed, room or needed)))
         holding = GateLogits(tokenizer, 0, forced=[False]) if hold else None
         scores: list[torch.Tensor | None] = [None] * len(rows)
-        follows, slots = self._prefill_rows(decoder, rows, gate if tapped else None, scores)
+        follows, slots = self._prefill_rows(decoder, rows, gate, scores)
         while True:
             decoding, parting = [], []
             for index, row in enumerate(rows):
@@ -318,16 +261,35 @@ class LlamaCppEngine:
                         continue  # the same token after the same tokens: the leader's decoding serves both
                     parting.append((index, follows.pop(index)))  # its own copy of the leader's KV from now on
                 decoding.append(index)
-            if not decoding:
-                return
             self._arrange(decoder, slots, decoding, parting)
+            if not self._join(decoder, rows, join, gate, scores, follows, slots) and not decoding:
+                return
             decoding.sort(key=slots.__getitem__)
-            self._decode(decoder, [(rows[i].tokens[-1], len(rows[i].prompt) + len(rows[i].tokens) - 1, slots[i], True)
-                                   for i in decoding])
+            if decoding:
+                self._decode(decoder, [(rows[i].tokens[-1], len(rows[i].prompt) + len(rows[i].tokens) - 1,
+                                        slots[i], True) for i in decoding])
             for position, index in enumerate(decoding):
                 scores[index] = self._logits(decoder, position)
             for index, leader in follows.items():
                 scores[index] = scores[leader]
+
+    def _join(self, decoder, rows: list[Row], join: Callable | None, gate, scores: list, follows: dict,
+              slots: dict) -> int:
+        """Rows that start now (continuous batching), pre-filled into the free sequences after those that
+        decode (`_arrange` has made them 0..n-1): how many joined."""
+        sequences, tokens, batch = decoder[1]
+        if join is None or len(slots) >= sequences:
+            return 0
+        new = join(sequences - len(slots), lambda prompt, limit: prompt <= batch and prompt + limit <= tokens)
+        if not new:
+            return 0
+        first, first_scores = len(rows), [None] * len(new)
+        joined_follows, joined_slots = self._prefill_rows(decoder, new, gate, first_scores, len(slots))
+        rows.extend(new)
+        scores.extend(first_scores)
+        follows.update({first + i: first + leader for i, leader in joined_follows.items()})
+        slots.update({first + i: slot for i, slot in joined_slots.items()})
+        return len(new)
 
     def _arrange(self, decoder, slots: dict[int, int], decoding: list[int], parting: list[tuple[int, int]]) -> None:
         """Give the rows decoding this step the KV sequences 0..n-1, in the order of those they hold.
@@ -353,10 +315,10 @@ class LlamaCppEngine:
                 self.api.llama_memory_seq_rm(memory, slots[index], -1, -1)
                 slots[index] = target
 
-    def _prefill_rows(self, decoder, rows: list[Row], gate: AnswerabilityGate | None,
-                      scores: list) -> tuple[dict[int, int], dict[int, int]]:
-        """Pre-fill each distinct prompt once, decide the gated rows, and set each row's first scores:
-        ({follower: leader}, {row: its KV sequence}).
+    def _prefill_rows(self, decoder, rows: list[Row], gate: AnswerabilityGate | None, scores: list,
+                      first_slot: int = 0) -> tuple[dict[int, int], dict[int, int]]:
+        """Pre-fill each distinct prompt once, into KV sequences from `first_slot` on, decide the gated
+        rows, and set each row's first scores: ({follower: leader}, {row: its KV sequence}).
 
         Greedy rows of one prompt share one sequence while they choose the same tokens. A follower
         parts when its token differs (the gate held it elsewhere, say) and then decodes on its own
@@ -371,8 +333,10 @@ class LlamaCppEngine:
             follows.update({i: leader for i in shares})
             own = [leader, *(i for i in others if i not in shares)]
             for index in own:  # a sequence of its own each (not len(slots) once for all of them)
-                slots[index] = len(slots)
+                slots[index] = first_slot + len(slots)
             features = gate is not None and any(rows[i].gated for i in indices)
+            if features and (self.tap is None or self.tap.name != f"l_out-{gate.layer - 1}".encode()):
+                raise ValueError(f"this engine was loaded without a tap on block {gate.layer}: pass gate_layer")
             logits, hidden = self._prefill(decoder, list(prompt), [slots[i] for i in own], features)
             probability = gate.refuse_probability(hidden[None]) if features else None
             for index in indices:

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kwanzaa_adapter.backend.models.causal_lm import AnswerResult, CausalLMModel
-from kwanzaa_adapter.backend.serving.batching import BatchEngine, Event, Ticket
+from kwanzaa_adapter.backend.serving.batching import BatchEngine
 from kwanzaa_adapter.backend.serving.guard import RequestGuard, error_response, rejection
 from kwanzaa_adapter.backend.serving.metrics import ServeMetrics
 from kwanzaa_adapter.backend.serving.schema_cache import SchemaCache
@@ -26,6 +26,7 @@ from kwanzaa_adapter.backend.serving.schemas import (
     check_chat_request,
     generation_limit,
 )
+from kwanzaa_adapter.backend.serving.tickets import Event, Ticket
 from kwanzaa_adapter.data.records import render_user_turn
 
 
@@ -220,7 +221,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     from starlette.exceptions import HTTPException
 
     from kwanzaa_adapter.backend.models.causal_lm import PromptTooLongError
-    from kwanzaa_adapter.backend.serving.batching import QueueFull, QueueTimeout, ShuttingDown
+    from kwanzaa_adapter.backend.serving.tickets import QueueFull, QueueTimeout, ShuttingDown
     from kwanzaa_adapter.backend.serving.schema_cache import SchemasBusy
 
     @app.exception_handler(QueueFull)

@@ -6,10 +6,12 @@ may come next) and an `emit` callback. `BatchEngine` runs one worker thread: it 
 waiting ticket, waits at most `gather_s` for company, and generates up to `max_batch_size` tickets
 together (left padding, one `model.generate`; or the fast engine). Each row chooses its own tokens:
 greedy, or sampled from its own generator, so that a seeded answer is the same alone or in any
-batch. Each row ends on its own: at an end-of-turn token, at one of its stop sequences (the text
-ends before it), at its own token limit, when its constraint is complete, or when its client goes
-away (`Ticket.cancel`). Tokens are decoded as they come and emitted as `delta` events (a tail that
-may begin a stop sequence is held back until it is known not to), then one `done` (or `error`) event.
+batch. On the fast engine, tickets that arrive while a batch decodes join it at its next step
+(continuous batching, `_generate_fast`). Each row ends on its own: at an end-of-turn token, at one
+of its stop sequences (the text ends before it), at its own token limit, when its constraint is
+complete, or when its client goes away (`Ticket.cancel`). Tokens are decoded as they come and
+emitted as `delta` events (a tail that may begin a stop sequence is held back until it is known not
+to), then one `done` (or `error`) event.
 
 The queue is bounded: beyond `max_queue` waiting tickets `submit` raises QueueFull (HTTP 429 with
 Retry-After), and a ticket that waited longer than `queue_timeout_s` is answered QueueTimeout (503)
@@ -25,112 +27,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding, request_sampler
+from kwanzaa_adapter.backend.serving.tickets import QueueFull, QueueTimeout, ShuttingDown, Ticket
+from kwanzaa_adapter.generation.decoding import end_of_turn_ids, left_padding
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap
 from kwanzaa_adapter.generation.llamacpp import Row
 
 log = logging.getLogger(__name__)
-
-
-class QueueFull(Exception):
-    """Too many requests are waiting; the client should retry after `retry_after_s`."""
-
-    def __init__(self, waiting: int, retry_after_s: int):
-        super().__init__(f"{waiting} requests are waiting already; retry in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
-
-
-class QueueTimeout(Exception):
-    """The request waited longer than the queue timeout and was not generated."""
-
-
-class ShuttingDown(Exception):
-    """The server is stopping: the request was not taken, or was ended at the end of the grace period."""
-
-
-@dataclass(frozen=True)
-class Event:
-    kind: str  # "delta" | "done" | "error"
-    text: str = ""
-    finish_reason: str | None = None  # done: "stop", "length" or "cancelled"
-    error: Exception | None = None
-
-
-@dataclass(eq=False)
-class Ticket:
-    prompt_ids: list[int]
-    max_new_tokens: int
-    emit: Callable[[Event], None]
-    temperature: float = 0.0
-    top_p: float = 1.0
-    constraint: object | None = None  # .restrict(row scores), .advance(token), .done (generation/grammar.py)
-    gated: bool = False  # the engine's answerability gate decides answer or refuse for this ticket
-    stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first one it contains
-    seed: int | None = None  # the sampler's random state (temperature > 0); None: a fresh one
-    gate: dict | None = None  # after generation, when gated: {"decision", "refuse_probability"}
-    enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
-    first_token_at: float | None = None
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-    _decoded: str = ""  # the whole answer decoded so far; `text` is what was emitted of it
-
-    def __post_init__(self) -> None:
-        self.sample = request_sampler(*self.sampling, self.seed)  # None: greedy
-
-    @property
-    def sampling(self) -> tuple[float, float]:
-        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
-
-    def take_text(self, text: str) -> None:
-        """The answer decoded so far: emit what is new, up to a stop sequence (then finish) or short of a
-        tail that may begin one (held back until the next token tells)."""
-        self._decoded = text
-        found = [at for stop in self.stop if (at := text.find(stop)) >= 0]
-        if found:
-            self._decoded = text[:max(min(found), len(self.text))]
-            self.finish("stop")
-            return
-        held = max((k for stop in self.stop for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])),
-                   default=0)
-        self._send(text[:len(text) - held])
-
-    def _send(self, text: str) -> None:
-        delta, self.text = text[len(self.text):], text
-        if delta:
-            self.emit(Event("delta", text=delta))
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def cancel(self) -> None:
-        """The client went away: drop it from its batch (or from the queue) at the next token."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def finish(self, reason: str) -> None:
-        if not self.finished:
-            if len(self._decoded) > len(self.text):  # a held-back tail that began no stop sequence after all
-                self._send(self._decoded)
-            self.finish_reason = reason
-            self.emit(Event("done", finish_reason=reason))
-
-    def fail(self, error: Exception) -> None:
-        if not self.finished:
-            self.finish_reason = "error"
-            self.emit(Event("error", error=error))
 
 
 class _Rows(BaseStreamer):
@@ -342,8 +249,23 @@ class BatchEngine:
             for ticket in batch:
                 self._waiting.remove(ticket)
                 ticket.started_at = time.monotonic()
-            self._running = batch
+            self._running = batch  # the same list: tickets that join the batch later count as running
             return batch
+
+    def _join(self, free: int, fits: Callable[[int, int], bool]) -> list[Ticket]:
+        """The oldest waiting tickets, at most `free`, that start now in the running batch: in order, up to
+        the first that does not fit (it waits for the batch to end, and is not passed over)."""
+        with self._cond:
+            self._expire()
+            taken = []
+            for ticket in self._waiting:
+                if len(taken) == free or self.aborting or not fits(len(ticket.prompt_ids), ticket.max_new_tokens):
+                    break
+                taken.append(ticket)
+            for ticket in taken:
+                self._waiting.remove(ticket)
+                ticket.started_at = time.monotonic()
+            return taken
 
     def _generate(self, batch: list[Ticket]) -> None:
         if self.fast is not None:
@@ -369,12 +291,24 @@ class BatchEngine:
             ticket.finish("length" if len(ticket.ids) >= ticket.max_new_tokens else "stop")
 
     def _generate_fast(self, batch: list[Ticket]) -> None:
-        """The batch on the fast engine: the same tickets, events and endings, one sequence per ticket."""
-        rows = [Row(t.prompt_ids, t.max_new_tokens, t.constraint, gated=t.gated and self.gate is not None,
-                    sample=t.sample, json_only=False) for t in batch]
-        record = _recorder(batch)
-        gate = self.gate if any(row.gated for row in rows) else None
-        for index, token in self.fast.decode(self.tokenizer, rows, self.stop_ids, gate):
+        """The batch on the fast engine: the same tickets, events and endings, one sequence per ticket.
+
+        Continuous batching: tickets that arrive meanwhile join the running batch at its next step while
+        a sequence is free and their prompt fits the context, which is sized for the batch's own
+        requests and a quarter more (`_join`); the others wait for the next batch."""
+        def as_row(ticket: Ticket) -> Row:
+            return Row(ticket.prompt_ids, ticket.max_new_tokens, ticket.constraint,
+                       gated=ticket.gated and self.gate is not None, sample=ticket.sample, json_only=False)
+
+        def join(free: int, fits: Callable[[int, int], bool]) -> list[Row]:
+            taken = self._join(free, fits)
+            batch.extend(taken)  # `_running` too (the same list); the engine appends their rows to `rows`
+            return [as_row(ticket) for ticket in taken]
+
+        rows, record = [as_row(ticket) for ticket in batch], _recorder(batch)
+        room = (self.max_batch_size, max(len(t.prompt_ids) + t.max_new_tokens for t in batch) * 5 // 4,
+                max(len(t.prompt_ids) for t in batch) * 5 // 4)
+        for index, token in self.fast.decode(self.tokenizer, rows, self.stop_ids, self.gate, join=join, room=room):
             ticket, row = batch[index], rows[index]
             if row.gated and ticket.gate is None:
                 record(index, row.refuse, row.probability)
