@@ -107,7 +107,9 @@ class Server:
         deadline = time.monotonic() + 600
         while True:
             try:
-                self.health = httpx.get(f"{self.url}/healthz", timeout=5).json()
+                # The engine and precision are details of /healthz: for holders of the key.
+                self.health = httpx.get(f"{self.url}/healthz", headers={"Authorization": f"Bearer {KEY}"},
+                                        timeout=5).json()
                 return
             except httpx.TransportError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -236,7 +238,7 @@ def run_engine(args, engine: str, items) -> dict:
     server_errors = sum(c for side in (single, batched) for s, c in side["statuses"].items() if s >= 500)
     server_errors += sum(c for s, c in overload_statuses.items() if s >= 500 and s != 503)
     return {
-        "engine": ran, "precision": precision,
+        "engine": ran, "requested": engine, "precision": precision,
         "single_tok_s": round(single["tokens_per_s"], 1), "batched_tok_s": round(batched["tokens_per_s"], 1),
         "ratio": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),
         "single_req_s": round(single["requests_per_s"], 3), "batched_req_s": round(batched["requests_per_s"], 3),
@@ -270,7 +272,8 @@ def main() -> int:
     engines = {engine: run_engine(args, engine, items) for engine in args.engines.split(",")}
     summary = {"cpu_class": cpu_class(), "clients": args.clients, "requests": args.requests,
                "max_tokens": args.max_tokens, "engines": engines}
-    ok = all(e["ratio"] >= TARGETS["ratio"] and e["batched_p95_s"] <= e["single_p95_s"] and e["server_errors"] == 0
+    ok = all(e["engine"].startswith(e["requested"])  # a fast side that fell back to the reference proves nothing
+             and e["ratio"] >= TARGETS["ratio"] and e["batched_p95_s"] <= e["single_p95_s"] and e["server_errors"] == 0
              and e["overload_429"] > 0 and e["alive_after"] and e["exit_codes"] == [0, 0] for e in engines.values())
     if {"reference", "llama.cpp"} <= set(engines):
         reference, fast = engines["reference"], engines["llama.cpp"]
