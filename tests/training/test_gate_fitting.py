@@ -128,7 +128,7 @@ def test_the_workflow_fits_saves_seals_and_applies_the_gate(gate_config, tmp_pat
     assert not report.ok and GATE_FILE in report.format()
 
 
-def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_config, tmp_path):
+def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_config, tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
     fast = ("inference.engine=llama.cpp", "inference.quant=f16", f"inference.cache_dir={tmp_path / 'cache'}")
     result = train_adapter(gate_config, fast)
@@ -140,6 +140,10 @@ def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_conf
     assert metadata["final_metrics"]["behavioral"]["engine"]["base"]["engine"] == "llama.cpp (f16)"
 
     # The same artifact evaluated by `eval` on both paths: the same outputs and decisions, row by row.
+    from kwanzaa_adapter.backend.models import causal_lm
+
+    backend_engines, choose = [], causal_lm.choose_engine
+    monkeypatch.setattr(causal_lm, "choose_engine", lambda *a, **k: backend_engines.append(k) or choose(*a, **k))
     outputs = {}
     for engine in ("reference", "llama.cpp"):
         out = tmp_path / engine / "metrics.json"
@@ -150,3 +154,4 @@ def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_conf
         assert {row["engine"] for row in rows} == {"reference" if engine == "reference" else "llama.cpp (f16)"}
         outputs[engine] = [(row["model"], row["id"], row["output"], row["decision"]) for row in rows]
     assert outputs["llama.cpp"] == outputs["reference"]
+    assert backend_engines == []  # eval chooses an engine per variant; the backend model derives none of its own

@@ -311,10 +311,14 @@ class CausalLMModel:
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
         self.model = model.eval()
         self.lock = threading.Lock()  # one model: generations run one at a time
-        # The fast engine (inference.engine) derives from this verified model; None: the reference generates.
-        self.engine: EngineChoice = choose_engine(config, self.model, self.tokenizer, base_digest=self.base_digest,
-                                                  with_adapter=adapter is not None,
-                                                  gate_layer=self.gate.layer if self.gate is not None else None)
+
+    @functools.cached_property
+    def engine(self) -> EngineChoice:
+        """The fast engine (inference.engine), derived from this verified model when first asked for (`serve`
+        asks at start; `eval` chooses its own per variant and never asks); its `engine` None: the reference."""
+        return choose_engine(self.config, self.model, self.tokenizer, base_digest=self.base_digest,
+                             with_adapter=self.adapter is not None,
+                             gate_layer=self.gate.layer if self.gate is not None else None)
 
     @property
     def fast(self):
