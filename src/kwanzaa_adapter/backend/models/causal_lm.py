@@ -180,9 +180,7 @@ class AnswerResult:
 
 def gate_verdict(refuse: bool | None, probability: float | None) -> dict | None:
     """What a reply says about the gate's part in it (None: no gate held this answer)."""
-    if refuse is None:
-        return None
-    return {"decision": decision_label(refuse), "refuse_probability": probability}
+    return None if refuse is None else {"decision": decision_label(refuse), "refuse_probability": probability}
 
 
 class _Cancelled(StoppingCriteria):
@@ -304,8 +302,7 @@ class CausalLMModel:
             self.adapter = check_base_digest(verified, self.base_digest, allow_base_mismatch)
             model = load_verified_adapter(model, adapter, trusted)
         # The gate comes from the verified artifact; gate.apply false leaves the decision to the generation.
-        self.gate: AnswerabilityGate | None = load_gate(adapter) if adapter is not None and config.gate.apply \
-            else None
+        self.gate: AnswerabilityGate | None = load_gate(adapter) if adapter is not None and config.gate.apply else None
         if loaded_as != self.precision.resolved:
             set_compute_precision(model, self.precision.dtype)
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
@@ -314,8 +311,7 @@ class CausalLMModel:
 
     @functools.cached_property
     def engine(self) -> EngineChoice:
-        """The fast engine (inference.engine), derived from this verified model when first asked for (`serve`
-        asks at start; `eval` chooses its own per variant and never asks); its `engine` None: the reference."""
+        """The fast engine (inference.engine) of this verified model, derived when first asked for (eval never asks)."""
         return choose_engine(self.config, self.model, self.tokenizer, base_digest=self.base_digest,
                              with_adapter=self.adapter is not None,
                              gate_layer=self.gate.layer if self.gate is not None else None)
@@ -341,9 +337,10 @@ class CausalLMModel:
         return self.config.model.name_or_path
 
     def describe(self) -> dict:
+        quantization = self.config.quantization
         return {"family": self.family, "base_model": self.config.model.name_or_path,
-                "base_digest": self.base_digest, "precision": self.precision.resolved, "quantization": "4-bit " + self.config.quantization.quant_type
-                if self.config.quantization.load_in_4bit else "none",
+                "base_digest": self.base_digest, "precision": self.precision.resolved,
+                "quantization": f"4-bit {quantization.quant_type}" if quantization.load_in_4bit else "none",
                 "adapter": self.adapter.as_json() if self.adapter else None,
                 "gate": self.gate.describe() if self.gate is not None else None,
                 "engine": self.engine.describe()}
