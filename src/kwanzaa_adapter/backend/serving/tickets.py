@@ -58,11 +58,7 @@ class Ticket:
     _decoded: str = ""  # the whole answer decoded so far; `text` is what was emitted of it
 
     def __post_init__(self) -> None:
-        self.sample = request_sampler(*self.sampling, self.seed)  # None: greedy
-
-    @property
-    def sampling(self) -> tuple[float, float]:
-        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+        self.sample = request_sampler(self.temperature, self.top_p, self.seed)  # None: greedy
 
     def take_text(self, text: str) -> None:
         """The answer decoded so far: emit what is new, up to a stop sequence (then finish) or short of a
