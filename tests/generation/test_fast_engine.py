@@ -190,3 +190,36 @@ def test_sampled_rows_of_one_prompt_each_decode_on_their_own_sequence(adapted, t
         together, beside = scores_of([row(1234, seen=(seen := [])), *company], seen)
         assert beside == tokens and len(together) == len(alone) == 12
         assert max(float((a - b).abs().max()) for a, b in zip(alone, together, strict=True)) < 1e-4
+
+
+def test_prompts_that_begin_alike_prefill_the_beginning_once_and_decode_as_they_do_alone(adapted, tokenizer, merged_f16):
+    """Questions asked of the same documents start from a copy of the KV of the first one pre-filled:
+    fewer tokens computed, and every step's scores, tokens and gate probability those of the prompt alone."""
+    documents = "Documents:\n" + "\n".join(f"[{n}] {text}" for n, text in enumerate(
+        ["Kwanzaa runs from December 26 to January 1.", "Its seven principles are the Nguzo Saba.",
+         "Maulana Karenga first held it in 1966."], start=1))
+    prompts = [_ids(tokenizer, [{"role": "user", "content": f"{documents}\n\nQuestion: {question}"}])
+               for question in QUESTIONS] + [_ids(tokenizer, _prompts()[0])]
+    features = prompt_features(adapted, tokenizer, prompts, [1])[1]
+    # Features scaled by their overall size, not per dimension: the questions' features are close together.
+    gate = AnswerabilityGate(1, 0.5, torch.randn(features.shape[1], generator=torch.Generator().manual_seed(0)),
+                             torch.zeros(1), features.mean(0), features.std() * torch.ones(features.shape[1]))
+    engine = LlamaCppEngine(merged_f16, gate_layer=1)
+
+    def run(batch: list[list[int]]) -> tuple[list[list[torch.Tensor]], list[Row]]:
+        seen = [[] for _ in batch]
+        rows = [Row(ids, 8, gated=True, sample=lambda scores, mine=mine: mine.append(scores) or int(scores.argmax()),
+                    json_only=False) for ids, mine in zip(batch, seen)]
+        for _ in engine.decode(tokenizer, rows, [tokenizer.eos_token_id], gate=gate, hold=False):
+            pass
+        return seen, rows
+
+    alone = [run([ids]) for ids in prompts]
+    computed = engine.prefilled[0]
+    assert engine.prefilled[1] == 0 and computed == sum(map(len, prompts))
+    seen, rows = run(prompts)
+    assert engine.prefilled[1] > 2 * len(_ids(tokenizer, [{"role": "user", "content": documents}])) - 20
+    assert engine.prefilled[0] - computed + engine.prefilled[1] == computed
+    for ((mine,), (row,)), theirs, together in zip(alone, seen, rows):
+        assert together.tokens == row.tokens and together.probability == pytest.approx(row.probability, abs=2e-3)
+        assert max(float((a - b).abs().max()) for a, b in zip(mine, theirs, strict=True)) < 5e-3

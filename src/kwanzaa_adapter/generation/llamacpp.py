@@ -17,6 +17,7 @@ need it is made without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -32,8 +33,10 @@ from kwanzaa_adapter.generation.decoding import GenerationResult, cannot_be_json
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 from kwanzaa_adapter.generation.llamacpp_api import BlockTap, EngineUnavailable, bindings
+from kwanzaa_adapter.generation.prefixes import batch_order, longest_shared
 
 ENGINE_NAME = "llama.cpp"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -75,6 +78,7 @@ class LlamaCppEngine:
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.tap = BlockTap(gate_layer, self.width) if gate_layer else None
         self._held = None  # (context, (sequences, tokens per sequence, batch), llama_batch)
+        self.prefilled = [0, 0]  # prompt tokens computed, and read from a shared prefix instead
         self.lock = threading.Lock()
 
     def close(self) -> None:
@@ -141,19 +145,28 @@ class LlamaCppEngine:
             self._decode(held, [(token, position, 0, True) for position, token in enumerate(prompt)])
             return torch.stack([self._logits(held, i) for i in range(len(prompt))])
 
-    def _prefill(self, held, prompt: list[int], sequences: Sequence[int], features: bool):
+    def _prefill(self, held, prompt: list[int], sequences: Sequence[int], features: bool,
+                 shared: tuple[int, int] | None = None):
         """Pre-fill one prompt once, into the first of `sequences`, and copy it to the others (llama.cpp
         copies the KV stream at the next decode): (last position's logits, the gate block's output
-        there, or None)."""
+        there, or None). With `shared` (sequence, n), the first n tokens are already in that sequence:
+        its KV is copied over and only the rest is computed."""
+        memory = self.api.llama_get_memory(held[0])
+        start = 0
+        if shared is not None:
+            source, start = shared
+            self.api.llama_memory_seq_cp(memory, source, sequences[0], -1, -1)  # a whole stream, then cut
+            self.api.llama_memory_seq_rm(memory, sequences[0], start, -1)
+        self.prefilled[0] += len(prompt) - start
+        self.prefilled[1] += start
         if features:
             self.tap.armed, self.tap.value = True, None
         try:
-            self._decode(held, [(token, position, sequences[0], position == len(prompt) - 1)
-                                for position, token in enumerate(prompt)])
+            self._decode(held, [(prompt[position], position, sequences[0], position == len(prompt) - 1)
+                                for position in range(start, len(prompt))])
         finally:
             if self.tap is not None:
                 self.tap.armed = False
-        memory = self.api.llama_get_memory(held[0])
         for sequence in sequences[1:]:
             self.api.llama_memory_seq_cp(memory, sequences[0], sequence, -1, -1)
         return self._logits(held, -1), (torch.from_numpy(self.tap.value) if features else None)
@@ -172,10 +185,9 @@ class LlamaCppEngine:
             raise ValueError(f"{len(forced)} forced decisions for {len(prompts)} prompts")
         if gated is not None and len(gated) != len(prompts):
             raise ValueError(f"{len(gated)} gate flags for {len(prompts)} prompts")
-        # Longest first, so that each batch's context is sized for its own prompts; equal prompts side by side.
-        order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i]))
+        order = batch_order(prompts)  # prompts with a long beginning in common in one batch, longest first
         rows: list[Row | None] = [None] * len(prompts)
-        started = time.perf_counter()
+        started, before = time.perf_counter(), list(self.prefilled)
         bar = tqdm(total=len(prompts), desc=f"generating ({self.name})", unit="prompt", disable=not progress)
         for first in range(0, len(order), batch_size):
             indices = order[first: first + batch_size]
@@ -190,6 +202,9 @@ class LlamaCppEngine:
                 rows[index] = row
             bar.update(len(indices))
         bar.close()
+        computed, copied = (now - then for now, then in zip(self.prefilled, before))
+        log.info("%s: %d prompt tokens pre-filled, %d more copied from beginnings shared with another prompt",
+                 self.name, computed, copied)
         counted, outputs, ids = 0, [], []
         for row in rows:
             tokens, stopped = until_stop(row.tokens, list(stop_ids))
@@ -284,7 +299,8 @@ class LlamaCppEngine:
         if not new:
             return 0
         first, first_scores = len(rows), [None] * len(new)
-        joined_follows, joined_slots = self._prefill_rows(decoder, new, gate, first_scores, len(slots))
+        decoding = [(rows[i].prompt, slot) for i, slot in slots.items()]
+        joined_follows, joined_slots = self._prefill_rows(decoder, new, gate, first_scores, len(slots), decoding)
         rows.extend(new)
         scores.extend(first_scores)
         follows.update({first + i: first + leader for i, leader in joined_follows.items()})
@@ -316,9 +332,14 @@ class LlamaCppEngine:
                 slots[index] = target
 
     def _prefill_rows(self, decoder, rows: list[Row], gate: AnswerabilityGate | None, scores: list,
-                      first_slot: int = 0) -> tuple[dict[int, int], dict[int, int]]:
+                      first_slot: int = 0, sources: Sequence[tuple[Sequence[int], int]] = ()
+                      ) -> tuple[dict[int, int], dict[int, int]]:
         """Pre-fill each distinct prompt once, into KV sequences from `first_slot` on, decide the gated
         rows, and set each row's first scores: ({follower: leader}, {row: its KV sequence}).
+
+        A prompt that begins with tokens already in a sequence (`sources`: (prompt, sequence) pairs, and
+        the prompts pre-filled before it here), the same documents asked another question, say, starts
+        from a copy of that sequence's KV and computes only the rest (`longest_shared`).
 
         Greedy rows of one prompt share one sequence while they choose the same tokens. A follower
         parts when its token differs (the gate held it elsewhere, say) and then decodes on its own
@@ -327,6 +348,7 @@ class LlamaCppEngine:
         for index, row in enumerate(rows):
             groups.setdefault(tuple(row.prompt), []).append(index)
         follows, slots = {}, {}
+        there = list(sources)
         for prompt, indices in groups.items():
             leader, *others = indices
             shares = [i for i in others if rows[i].sample is None and rows[leader].sample is None]
@@ -337,7 +359,9 @@ class LlamaCppEngine:
             features = gate is not None and any(rows[i].gated for i in indices)
             if features and (self.tap is None or self.tap.name != f"l_out-{gate.layer - 1}".encode()):
                 raise ValueError(f"this engine was loaded without a tap on block {gate.layer}: pass gate_layer")
-            logits, hidden = self._prefill(decoder, list(prompt), [slots[i] for i in own], features)
+            logits, hidden = self._prefill(decoder, list(prompt), [slots[i] for i in own], features,
+                                           longest_shared(prompt, there))
+            there.append((prompt, slots[leader]))
             probability = gate.refuse_probability(hidden[None]) if features else None
             for index in indices:
                 scores[index] = logits
