@@ -16,6 +16,7 @@ from kwanzaa_adapter.generation.decoding import generate, request_sampler
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, prompt_features
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine, Row
+from kwanzaa_adapter.generation.prefixes import copied_tokens
 from kwanzaa_adapter.modeling.derived import DERIVED_RECORD, GGUF_FILE, derived_gguf
 from tests.conftest import build_tiny_model
 
@@ -220,6 +221,7 @@ def test_prompts_that_begin_alike_prefill_the_beginning_once_and_decode_as_they_
     seen, rows = run(prompts)
     assert engine.prefilled[1] > 2 * len(_ids(tokenizer, [{"role": "user", "content": documents}])) - 20
     assert engine.prefilled[0] - computed + engine.prefilled[1] == computed
+    assert engine.prefilled[1] == copied_tokens(prompts, len(prompts))  # what the time estimate counts
     for ((mine,), (row,)), theirs, together in zip(alone, seen, rows):
         assert together.tokens == row.tokens and together.probability == pytest.approx(row.probability, abs=2e-3)
         assert max(float((a - b).abs().max()) for a, b in zip(mine, theirs, strict=True)) < 5e-3

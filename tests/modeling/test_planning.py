@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 import time
 
@@ -80,6 +82,12 @@ def test_the_fast_engine_prefills_twice_and_decodes_once(demo_config):
         derive + (2 * prefill / share["prefill"] + decode / share["decode"]) / 765e9)
     assert fast.phases["behavioral evaluation"] < reference.phases["behavioral evaluation"] / 2
     assert fast.details["behavioral evaluation"].startswith("llama.cpp: 2 pre-fills x 84 prompts")
+    # Prompts that begin alike: the tokens the engine copies instead of computing come off both pre-fills.
+    shared = planning.estimate_time(demo_config, arch, train, replace(evaluation, copied=84 * 200 // 4), **settings,
+                                    fast_engine=True)
+    assert fast.phases["behavioral evaluation"] - shared.phases["behavioral evaluation"] == pytest.approx(
+        2 * prefill / 4 / share["prefill"] / 765e9)
+    assert "(75% of their tokens computed)" in shared.details["behavioral evaluation"]
 
 
 def test_a_stale_probe_cache_does_not_reach_the_estimate(tmp_path, tiny_model_dir):

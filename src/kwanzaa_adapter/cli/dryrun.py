@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kwanzaa_adapter.config import ArchitectureConfig, KwanzaaConfig
+from kwanzaa_adapter.generation.prefixes import copied_tokens
 from kwanzaa_adapter.modeling import loading, sources
 from kwanzaa_adapter.modeling.planning import (
     GIB,
@@ -110,6 +111,10 @@ def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCount
                                     system_prompt=config.data.system_prompt,
                                     cache_dir=sources.cache_root() / "tokenized")
         splits.append(SplitCounts(tuple((len(e.input_ids), e.supervised_tokens) for e in examples)))
+    # The fast engine pre-fills a beginning that prompts share once (the same documents, other questions).
+    prompts = [list(e.input_ids[: len(e.input_ids) - e.supervised_tokens]) for e in examples]  # the eval split's
+    prompts = prompts[: config.evaluation.max_examples] if config.evaluation.max_examples else prompts
+    splits[1] = replace(splits[1], copied=copied_tokens(prompts, config.evaluation.batch_size))
     return splits[0], splits[1], True, tokenizer
 
 

@@ -53,3 +53,19 @@ def batch_order(prompts: Sequence[Sequence[int]]) -> list[int]:
         families.append([index])
     families.sort(key=lambda family: (-max(len(prompts[i]) for i in family), min(family)))
     return [i for family in families for i in sorted(family, key=lambda i: (-len(prompts[i]), list(prompts[i])))]
+
+
+def copied_tokens(prompts: Sequence[Sequence[int]], batch_size: int) -> int:
+    """How many prompt tokens the fast engine copies instead of computing, batching `prompts` as it does
+    (`batch_order`; each distinct prompt against those pre-filled before it in its batch)."""
+    order, copied = batch_order(prompts), 0
+    for first in range(0, len(order), batch_size):
+        there: list[tuple[tuple[int, ...], int]] = []
+        for index in order[first: first + batch_size]:
+            prompt = tuple(prompts[index])
+            if any(prompt == other for other, _ in there):
+                continue
+            shared = longest_shared(prompt, there)
+            copied += shared[1] if shared else 0
+            there.append((prompt, len(there)))
+    return copied

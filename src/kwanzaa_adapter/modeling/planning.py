@@ -202,6 +202,7 @@ class SplitCounts:
     """Token counts of a tokenized split: (tokens, supervised tokens) per row."""
 
     rows: tuple[tuple[int, int], ...]
+    copied: int = 0  # prompt tokens the fast engine copies from a beginning shared with another prompt
 
     @property
     def tokens(self) -> int:
@@ -331,10 +332,12 @@ def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
         passes = 3 if gate_prompts else 2
         if fast_engine:
             fast = FAST_ENGINE_UTILISATION
+            computed = 1 - evaluation.copied / max(sum(t - s for t, s in rows), 1)
             est.phases["behavioral evaluation"] = (
                 DERIVE_SECONDS + DERIVE_SECONDS_PER_PARAMETER * arch.num_parameters  # the two GGUFs side by side
-                + (2 * prefill / fast["prefill"] + decode / fast["decode"]) / peak_flops)
-            est.details["behavioral evaluation"] = (f"llama.cpp: 2 pre-fills x {len(rows)} prompts, "
+                + (2 * computed * prefill / fast["prefill"] + decode / fast["decode"]) / peak_flops)
+            est.details["behavioral evaluation"] = (f"llama.cpp: 2 pre-fills x {len(rows)} prompts "
+                                                    f"({computed:.0%} of their tokens computed), "
                                                     f"~{new_tokens:,} new tokens")
         else:
             est.phases["behavioral evaluation"] = (passes * prefill / share["prefill"]
