@@ -225,3 +225,29 @@ def test_prompts_that_begin_alike_prefill_the_beginning_once_and_decode_as_they_
     for ((mine,), (row,)), theirs, together in zip(alone, seen, rows):
         assert together.tokens == row.tokens and together.probability == pytest.approx(row.probability, abs=2e-3)
         assert max(float((a - b).abs().max()) for a, b in zip(mine, theirs, strict=True)) < 5e-3
+
+
+def test_a_memory_that_cannot_cut_a_sequence_prefills_the_whole_prompt(adapted, tokenizer, merged_f16):
+    """Where llama.cpp refuses to cut a copied sequence (a memory without partial removal), the prompt is
+    pre-filled in full: nothing of the other prompt's tail stays in its cache."""
+    documents = "Documents:\n[1] Kwanzaa runs from December 26 to January 1.\n[2] Zawadi are gifts."
+    prompts = [_ids(tokenizer, [{"role": "user", "content": f"{documents}\n\nQuestion: {q}"}]) for q in QUESTIONS]
+    engine = LlamaCppEngine(merged_f16)
+    settings = dict(max_new_tokens=8, batch_size=3, stop_ids=[tokenizer.eos_token_id], progress=False)
+    shared = engine.generate(tokenizer, prompts, **settings)
+    assert engine.prefilled[1] > 0
+
+    api = engine.api
+
+    class NoPartialRemoval:
+        def __getattr__(self, name):
+            return getattr(api, name)
+
+        def llama_memory_seq_rm(self, memory, sequence, start, end):
+            return False if start > 0 else api.llama_memory_seq_rm(memory, sequence, start, end)
+
+    engine.api, engine.prefilled = NoPartialRemoval(), [0, 0]
+    whole = engine.generate(tokenizer, prompts, **settings)
+    assert engine.prefilled == [sum(map(len, prompts)), 0]
+    assert whole.token_ids == shared.token_ids == [engine.generate(tokenizer, [p], **settings).token_ids[0]
+                                                   for p in prompts]

@@ -156,7 +156,9 @@ class LlamaCppEngine:
         if shared is not None:
             source, start = shared
             self.api.llama_memory_seq_cp(memory, source, sequences[0], -1, -1)  # a whole stream, then cut
-            self.api.llama_memory_seq_rm(memory, sequences[0], start, -1)
+            if not self.api.llama_memory_seq_rm(memory, sequences[0], start, -1):  # a memory that cannot cut
+                self.api.llama_memory_seq_rm(memory, sequences[0], -1, -1)
+                start = 0
         self.prefilled[0] += len(prompt) - start
         self.prefilled[1] += start
         if features:
