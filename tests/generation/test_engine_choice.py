@@ -27,3 +27,16 @@ def test_each_derived_model_is_derived_once_and_its_outcome_reaches_every_varian
     assert {label: choice.name for label, choice in chosen.items()} == dict.fromkeys(wanted, engines.REFERENCE)
     assert chosen["gated"].reason == "cannot convert (adapter True)"
     assert chosen["base"].reason == "cannot convert (adapter False)"
+
+
+def test_auto_weight_type_is_bf16_with_native_bf16_and_f16_without(monkeypatch):
+    """Q8_0 moved the AVX2 class's eval rates 3.67 records from the reference (target 2); f16 1.66."""
+    machines = {"avx512": {"flags": ["avx2", "avx512f", "avx512_bf16"], "capability": "AVX512"},
+                "avx2": {"flags": ["avx2", "f16c"], "capability": "AVX2"},
+                "avx2 on a bf16 CPU": {"flags": ["avx2", "avx512_bf16"], "capability": "AVX2"}}
+    picked = {}
+    for name, machine in machines.items():
+        monkeypatch.setattr(engines, "machine_identity", lambda device, machine=machine: machine)
+        picked[name] = engines.resolve_quant("auto")
+    assert picked == {"avx512": "bf16", "avx2": "f16", "avx2 on a bf16 CPU": "f16"}
+    assert engines.resolve_quant("q8_0") == "q8_0"

@@ -27,12 +27,14 @@ REFERENCE = "reference"
 def resolve_quant(setting: str) -> str:
     """`inference.quant`: auto is bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX: llama.cpp
     pre-fills a BF16 GGUF 1.5x faster than a Q8_0 one there, 1,485 against 1,003 tokens/s on the demo's
-    eval prompts), else Q8_0."""
+    eval prompts), else f16. On the AVX2 class f16 kept the eval rates within 1.66 records of the
+    reference where Q8_0 moved them by 3.67 (target 2), and ran the demo's behavioral evaluation in
+    105-109 s against Q8_0's 120-132 s (bench/NOTES.md)."""
     if setting != "auto":
         return setting
-    machine = machine_identity("cpu")  # under bench/as_avx2.sh the capability reads AVX2: q8_0, as there
+    machine = machine_identity("cpu")  # under bench/as_avx2.sh the capability reads AVX2: f16, as there
     native = {"avx512_bf16", "amx_bf16"} & set(machine.get("flags", []))
-    return "bf16" if native and str(machine.get("capability", "")).startswith("AVX512") else "q8_0"
+    return "bf16" if native and str(machine.get("capability", "")).startswith("AVX512") else "f16"
 
 
 @dataclass
