@@ -105,17 +105,17 @@ def split_counts(config: KwanzaaConfig, source) -> tuple[SplitCounts, SplitCount
                              math.ceil(answer / CHARACTERS_PER_TOKEN)))
             splits.append(SplitCounts(tuple(rows)))
         return splits[0], splits[1], False, None
-    splits = []
-    for path in (config.data.train_file, config.data.eval_file):
-        examples, _ = tokenize_file(path, tokenizer, config.data.max_seq_length,
-                                    system_prompt=config.data.system_prompt,
-                                    cache_dir=sources.cache_root() / "tokenized")
-        splits.append(SplitCounts(tuple((len(e.input_ids), e.supervised_tokens) for e in examples)))
+    train, evaluation = (tokenize_file(path, tokenizer, config.data.max_seq_length,
+                                       system_prompt=config.data.system_prompt,
+                                       cache_dir=sources.cache_root() / "tokenized")[0]
+                         for path in (config.data.train_file, config.data.eval_file))
+    train_counts, eval_counts = (SplitCounts(tuple((len(e.input_ids), e.supervised_tokens) for e in examples))
+                                 for examples in (train, evaluation))
     # The fast engine pre-fills a beginning that prompts share once (the same documents, other questions).
-    prompts = [list(e.input_ids[: len(e.input_ids) - e.supervised_tokens]) for e in examples]  # the eval split's
+    prompts = [list(e.input_ids[: len(e.input_ids) - e.supervised_tokens]) for e in evaluation]
     prompts = prompts[: config.evaluation.max_examples] if config.evaluation.max_examples else prompts
-    splits[1] = replace(splits[1], copied=copied_tokens(prompts, config.evaluation.batch_size))
-    return splits[0], splits[1], True, tokenizer
+    eval_counts = replace(eval_counts, copied=copied_tokens(prompts, config.evaluation.batch_size))
+    return train_counts, eval_counts, True, tokenizer
 
 
 def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitCounts, evaluation: SplitCounts,
