@@ -32,20 +32,26 @@ from kwanzaa_adapter.data.records import ChatExample, RagRecord, render_record, 
 
 DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR))  # the sibling modules, also when a test loads this file by path
-from decisions import DECISIONS_FILE, build_decisions, decisions_summary  # noqa: E402
+from decisions import DECISIONS_FILE, build_decisions, decisions_summary, user_turns  # noqa: E402
 from source_models import (  # noqa: E402
-    NEAR_MISS_SOURCE, PLACEHOLDER, SOURCE_DIR, NearMiss, RefusalKind, SourceDocument, SourceQuestion, distractors,
-    load_near_misses, load_sources)
+    GRADED_SPLITS, NEAR_MISS_SOURCE, PLACEHOLDER, SOURCE_DIR, NearMiss, RefusalKind, SourceDocument, SourceQuestion,
+    distractors, load_near_misses, load_sources)
+
+from kwanzaa_adapter.evaluation.metrics import content_words  # noqa: E402
 
 SEED = 1966
-SPLITS = ("train", "eval", "heldout")
+SPLITS = ("train", "eval", "heldout", "paraphrase")
 # Documents shown per record (weights), by split. The draw leans towards one to three documents so
 # that the train split and the mix stay within 10% of the CPU demo's token budget (data/README.md).
 DOC_COUNTS: dict[str, dict[int, int]] = {
     "train": {1: 35, 2: 35, 3: 15, 4: 10, 5: 5},
     "eval": {1: 35, 2: 35, 3: 15, 4: 10, 5: 5},
     "heldout": {2: 30, 3: 30, 4: 25, 5: 15},
+    "paraphrase": {2: 30, 3: 30, 4: 25, 5: 15},
 }
+# The paraphrase set's answerable questions share at most this share of their content words with
+# their gold documents, so that word matching does not find the answer.
+PARAPHRASE_MAX_SHARED = 0.4
 # A dialogue of several questions shows at most this many documents, so that the longest stays
 # within the demo's max_seq_length of 1024 tokens.
 DIALOGUE_MAX_DOCS = 3
@@ -127,18 +133,24 @@ def build_record(question: SourceQuestion, documents: dict[str, SourceDocument],
         if wrong_split:
             raise ValueError(f"doc_ids {wrong_split} are not in split {question.split!r}")
         shown = choose_documents(question, documents, count)
-        return make_record(question.id, question, shown, build_answer(question, shown))
+        return make_record(question.id, question, shown, build_answer(question, shown), graded=True)
     except (ValueError, ValidationError) as exc:
         raise ValueError(f"question {question.id!r}: {exc}") from exc
 
 
-def make_record(record_id: str, question: SourceQuestion, shown: list[SourceDocument], answer: Answer) -> RagRecord:
+def make_record(record_id: str, question: SourceQuestion, shown: list[SourceDocument], answer: Answer,
+                graded: bool = False) -> RagRecord:
+    """The record; `graded` adds the answer key (gold documents, key facts) of an answerable eval-only question."""
+    key = {}
+    if graded and question.split in GRADED_SPLITS and not answer.is_refusal:
+        key = {"gold_documents": sorted(answer.cited_numbers()), "key_facts": list(question.key_facts)}
     return RagRecord(
         id=record_id,
         question=question.question,
         documents=[doc.as_document() for doc in shown],
         expect_refusal=answer.is_refusal,
         answer=answer,
+        **key,
     )
 
 
@@ -198,7 +210,8 @@ def chat_line(record: RagRecord, split: str, **extra_meta) -> dict:
         "messages": render_record(record),
         # The documents ride along so that evaluation can score citations from the chat form too.
         "meta": {"id": record.id, **extra_meta, "expect_refusal": record.expect_refusal, "split": split,
-                 "documents": [d.model_dump(mode="json", exclude_none=True) for d in record.documents]},
+                 "documents": [d.model_dump(mode="json", exclude_none=True) for d in record.documents],
+                 **record.model_dump(include={"gold_documents", "key_facts"}, exclude_none=True)},
     }
     ChatExample.model_validate(line)
     return line
@@ -263,8 +276,53 @@ def build_outputs(source_dir: Path = SOURCE_DIR) -> dict[str, str]:
     outputs[NEAR_MISS_FILE] = to_jsonl([chat_line(r, "train", near_miss_of=r.id.removesuffix(".near_miss"))
                                         for r in build_near_misses(source_dir)])
     documents, questions = load_sources(source_dir)
-    outputs[DECISIONS_FILE] = to_jsonl([record_line(e) for e in build_decisions(questions, documents, SEED, outputs)])
+    outputs[DECISIONS_FILE] = to_jsonl([record_line(e) for e in build_decisions(questions, documents, SEED, outputs,
+                                                                                 build_answer)])
+    check_paraphrase(questions, documents)
+    check_eval_only(outputs)
     return outputs
+
+
+def paraphrase_shares(questions: list[SourceQuestion], documents: dict[str, SourceDocument]) -> dict[str, float]:
+    """Question id -> share of its content words that its gold documents (title and text) hold, for every
+    answerable question of the paraphrase set."""
+    shares = {}
+    for question in questions:
+        if question.split == "paraphrase" and not question.is_refusal:
+            words = content_words(question.question)
+            gold = set().union(*(content_words(f"{documents[d].title} {documents[d].text}") for d in question.doc_ids))
+            shares[question.id] = len(words & gold) / len(words) if words else 1.0
+    return shares
+
+
+def check_paraphrase(questions: list[SourceQuestion], documents: dict[str, SourceDocument]) -> dict[str, float]:
+    """The paraphrase set's shares (`paraphrase_shares`); raises naming every question over PARAPHRASE_MAX_SHARED."""
+    shares = paraphrase_shares(questions, documents)
+    over = {qid: share for qid, share in shares.items() if share > PARAPHRASE_MAX_SHARED}
+    if over:
+        raise ValueError("paraphrase questions sharing more than "
+                         f"{PARAPHRASE_MAX_SHARED:.0%} of their content words with their gold documents: "
+                         + ", ".join(f"{qid} ({share:.0%})" for qid, share in sorted(over.items())))
+    return shares
+
+
+TRAINING_SIDE = ("kwanzaa_train.jsonl", "kwanzaa_train_records.jsonl", MIX_FILE, NEAR_MISS_FILE, DECISIONS_FILE)
+EVAL_ONLY = tuple(f"kwanzaa_{split}_records.jsonl" for split in GRADED_SPLITS)
+
+
+def check_eval_only(outputs: dict[str, str]) -> None:
+    """Raise naming the record when an eval-only set shares a document or a question with the training,
+    preference or decision data (their user turns, where documents and questions are rendered)."""
+    seen = "\n".join(turn for name in TRAINING_SIDE for turn in user_turns(outputs[name]))
+    for name in EVAL_ONLY:
+        for line in outputs[name].splitlines():
+            record = RagRecord.model_validate_json(line)
+            shared = [f"document {doc.title!r}" for doc in record.documents if doc.text in seen]
+            if f"Question: {record.question}" in seen:
+                shared.append(f"question {record.question!r}")
+            if shared:
+                raise ValueError(f"{name}: record {record.id!r} shares {', '.join(shared)} with the training-side "
+                                 f"data ({', '.join(TRAINING_SIDE)})")
 
 
 def write_outputs(outputs: dict[str, str], data_dir: Path = DATA_DIR) -> None:
@@ -317,11 +375,15 @@ def split_summary(records: list[dict], kinds: dict[str, str]) -> str:
 
 
 def print_summary(outputs: dict[str, str]) -> None:
-    _, questions = load_sources()
+    documents, questions = load_sources()
     kinds = {q.id: q.refusal for q in questions}
     for split in SPLITS:
         records = [json.loads(line) for line in outputs[f"kwanzaa_{split}_records.jsonl"].splitlines()]
         print(f"{split}: {split_summary(records, kinds)}")
+    shares = sorted(paraphrase_shares(questions, documents).values())
+    print(f"paraphrase: its {len(shares)} answerable questions share {statistics.mean(shares):.0%} of their content "
+          f"words with their gold documents on average (median {statistics.median(shares):.0%}, "
+          f"max {shares[-1]:.0%}; limit {PARAPHRASE_MAX_SHARED:.0%})")
     near_misses = outputs[NEAR_MISS_FILE].splitlines()
     print(f"near miss: {len(near_misses)} refusals over train questions")
     print(f"decisions: {decisions_summary(outputs[DECISIONS_FILE])}")

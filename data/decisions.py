@@ -1,4 +1,5 @@
-"""Decision examples for the answerability gate: train prompts labelled answer or refuse, without answers.
+"""Decision examples for the answerability gate (and the evidence selector): train prompts labelled answer or
+refuse; an answerable one carries the gold answer for the documents it shows.
 
 A classifier fitted on the adapted model's hidden states needs many more labelled prompts than the
 supervised records hold, so the build derives them from train questions and train documents only:
@@ -34,7 +35,7 @@ KINDS = ("answerable", "same_topic", "off_topic", "refusal")
 # state the answer, and would make "refuse" a wrong label.
 ANSWER_SHARE = 0.6
 # Files whose prompts a decision example must never repeat; a clash stops the build, not a redraw.
-HELD_OUT_PREFIXES = ("kwanzaa_eval", "kwanzaa_heldout")
+HELD_OUT_PREFIXES = ("kwanzaa_eval", "kwanzaa_heldout", "kwanzaa_paraphrase")
 MAX_DRAWS = 100
 
 
@@ -89,8 +90,10 @@ def planned_kinds(questions: list[SourceQuestion], documents: dict[str, SourceDo
 
 
 def derive_decisions(questions: list[SourceQuestion], documents: dict[str, SourceDocument], seed: int,
-                     avoid: set[str]) -> list[RagRecord]:
-    """Every decision example, in source order; no prompt is in `avoid` or repeated."""
+                     avoid: set[str], answer_for) -> list[RagRecord]:
+    """Every decision example, in source order; no prompt is in `avoid` or repeated. An answerable example
+    carries its question's gold answer for the documents it shows (`answer_for(question, shown)`): the
+    evidence selector learns from it which sentence answers."""
     by_id = {q.id: q for q in questions}
     seen = set(avoid)
     examples = []
@@ -99,8 +102,8 @@ def derive_decisions(questions: list[SourceQuestion], documents: dict[str, Sourc
         for index, kind in enumerate(kinds):
             example_id = f"{question_id}.gate.{kind}.{kinds[:index].count(kind)}"
             for attempt in range(MAX_DRAWS):
-                shown = [d.as_document() for d in
-                         draw(kind, question, documents, random.Random(f"{seed}:gate:{example_id}:{attempt}"))]
+                drawn = draw(kind, question, documents, random.Random(f"{seed}:gate:{example_id}:{attempt}"))
+                shown = [d.as_document() for d in drawn]
                 prompt = render_user_turn(question.question, shown)
                 if prompt not in seen:
                     break
@@ -108,7 +111,8 @@ def derive_decisions(questions: list[SourceQuestion], documents: dict[str, Sourc
                 raise ValueError(f"decision example {example_id!r}: {MAX_DRAWS} draws all repeat a prompt")
             seen.add(prompt)
             examples.append(RagRecord(id=example_id, question=question.question, documents=shown,
-                                      expect_refusal=kind != "answerable"))
+                                      expect_refusal=kind != "answerable",
+                                      answer=answer_for(question, drawn) if kind == "answerable" else None))
     return examples
 
 
@@ -138,11 +142,11 @@ def check_decisions(examples: list[RagRecord], prompts: dict[str, set[str]]) -> 
 
 
 def build_decisions(questions: list[SourceQuestion], documents: dict[str, SourceDocument], seed: int,
-                    outputs: dict[str, str]) -> list[RagRecord]:
+                    outputs: dict[str, str], answer_for) -> list[RagRecord]:
     """The examples, derived after every other file of the build (`outputs`) and checked against all of them."""
     prompts = {name: user_turns(content) for name, content in outputs.items()}
     avoid = set().union(*(turns for name, turns in prompts.items() if not name.startswith(HELD_OUT_PREFIXES)))
-    examples = derive_decisions(questions, documents, seed, avoid)
+    examples = derive_decisions(questions, documents, seed, avoid, answer_for)
     check_decisions(examples, prompts)
     return examples
 

@@ -10,18 +10,23 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kwanzaa_adapter.data.records import Document
 
 SOURCE_DIR = Path(__file__).resolve().parent / "source"
-# Source files: the train and eval splits share one pair, the heldout set has its own.
-SOURCE_FILES = {"documents.jsonl": "questions.jsonl", "heldout_documents.jsonl": "heldout_questions.jsonl"}
+# Source files: the train and eval splits share one pair; the heldout and paraphrase sets have their own.
+SOURCE_FILES = {"documents.jsonl": "questions.jsonl", "heldout_documents.jsonl": "heldout_questions.jsonl",
+                "paraphrase_documents.jsonl": "paraphrase_questions.jsonl"}
+# The split each file pair may hold (None: any split but those that have their own pair).
+PAIR_SPLIT = {"documents.jsonl": None, "heldout_documents.jsonl": "heldout", "paraphrase_documents.jsonl": "paraphrase"}
 NEAR_MISS_SOURCE = "near_miss.jsonl"
 # Citation placeholders in a question's answer_text; the build turns them into [n] markers.
 PLACEHOLDER = re.compile(r"\{d:([a-z0-9_]+)\}")
 
-Split = Literal["train", "eval", "heldout"]
+Split = Literal["train", "eval", "heldout", "paraphrase"]
+# Eval-only splits whose answerable questions must say what a right answer states (`key_facts`).
+GRADED_SPLITS = ("eval", "heldout", "paraphrase")
 # Why the documents shown cannot answer: a nearby detail of the right subject is missing; the
 # documents are about other subjects; a document mentions the subject but not the asked fact.
 RefusalKind = Literal["nearby_detail", "off_topic", "mentions_subject"]
@@ -57,6 +62,8 @@ class SourceQuestion(_Strict):
     doc_ids: list[str] = Field(max_length=2, description="Relevant documents; for an off-topic refusal, the "
                                "documents on the subject, whose topics are kept out of the record.")
     answer_text: str = Field(min_length=1, description="Gold answer.text with {d:<doc_id>} citation placeholders.")
+    key_facts: list[str] = Field(default_factory=list, description="Short strings a right answer must state, each "
+                                 "stated by a document of doc_ids; required on answerable eval-only questions.")
     completeness: Literal["complete", "partial", "insufficient_data"]
     missing_context: list[str] = Field(default_factory=list, description="What the documents lack.")
     refusal: RefusalKind | None = Field(default=None, description="The kind of refusal; only on refusals.")
@@ -76,6 +83,10 @@ class SourceQuestion(_Strict):
             raise ValueError(f"question {self.id!r}: `refusal` (the kind) is required on refusals and only there")
         if not self.doc_ids and self.refusal != "off_topic":
             raise ValueError(f"question {self.id!r}: only an off-topic refusal may have no doc_ids")
+        if self.is_refusal and self.key_facts:
+            raise ValueError(f"question {self.id!r}: a refusal states no key facts")
+        if not self.is_refusal and self.split in GRADED_SPLITS and not self.key_facts:
+            raise ValueError(f"question {self.id!r}: an answerable {self.split} question needs key_facts")
         return self
 
 
@@ -99,21 +110,21 @@ def load_sources(source_dir: Path = SOURCE_DIR) -> tuple[dict[str, SourceDocumen
     to its own pair of files."""
     documents: dict[str, SourceDocument] = {}
     questions: list[SourceQuestion] = []
+    own_pairs = {split: name for name, split in PAIR_SPLIT.items() if split}
     for documents_file, questions_file in SOURCE_FILES.items():
-        heldout_file = documents_file.startswith("heldout")
-        for row in read_jsonl(source_dir / documents_file):
-            doc = SourceDocument.model_validate(row)
+        for number, row in enumerate(read_jsonl(source_dir / documents_file), start=1):
+            doc = _validated(SourceDocument, row, documents_file, number)
             if doc.doc_id in documents:
-                raise ValueError(f"{documents_file}: duplicate doc_id {doc.doc_id!r}")
-            if (doc.split == "heldout") != heldout_file:
-                raise ValueError(f"{documents_file}: document {doc.doc_id!r} of split {doc.split!r} belongs in "
-                                 f"{'documents.jsonl' if heldout_file else 'heldout_documents.jsonl'}")
+                raise ValueError(f"{documents_file}:{number}: duplicate doc_id {doc.doc_id!r}")
+            if own_pairs.get(doc.split, "documents.jsonl") != documents_file:
+                raise ValueError(f"{documents_file}:{number}: document {doc.doc_id!r} of split {doc.split!r} belongs "
+                                 f"in {own_pairs.get(doc.split, 'documents.jsonl')}")
             documents[doc.doc_id] = doc
-        for row in read_jsonl(source_dir / questions_file):
-            question = SourceQuestion.model_validate(row)
-            if (question.split == "heldout") != heldout_file:
-                raise ValueError(f"{questions_file}: question {question.id!r} of split {question.split!r} is in the "
-                                 "wrong file")
+        for number, row in enumerate(read_jsonl(source_dir / questions_file), start=1):
+            question = _validated(SourceQuestion, row, questions_file, number)
+            if own_pairs.get(question.split, "documents.jsonl") != documents_file:
+                raise ValueError(f"{questions_file}:{number}: question {question.id!r} of split {question.split!r} "
+                                 "is in the wrong file")
             questions.append(question)
     seen: set[str] = set()
     for question in questions:
@@ -121,6 +132,13 @@ def load_sources(source_dir: Path = SOURCE_DIR) -> tuple[dict[str, SourceDocumen
             raise ValueError(f"duplicate question id {question.id!r}")
         seen.add(question.id)
     return documents, questions
+
+
+def _validated(model, row: dict, name: str, number: int):
+    try:
+        return model.model_validate(row)
+    except ValidationError as exc:
+        raise ValueError(f"{name}:{number}: {exc}") from None
 
 
 def load_near_misses(source_dir: Path = SOURCE_DIR) -> list[NearMiss]:

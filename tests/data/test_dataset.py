@@ -63,8 +63,10 @@ def test_every_gold_answer_validates_against_contract_and_record_model(records):
             ChatExample.model_validate(line)
             assert line["messages"] == render_record(record)
             documents = [d.model_dump(mode="json", exclude_none=True) for d in record.documents]
+            key = record.model_dump(include={"gold_documents", "key_facts"}, exclude_none=True)
             assert line["meta"] == {"id": record.id, "expect_refusal": record.expect_refusal, "split": split,
-                                    "documents": documents}
+                                    "documents": documents, **key}
+            assert bool(key) == (split != "train" and not record.expect_refusal), record.id  # eval sets carry keys
 
 
 def test_refusals_are_empty_and_name_what_is_missing(records, near_miss_lines):
@@ -296,7 +298,7 @@ def test_mix_holds_the_train_records_then_every_question_once_in_dialogues(recor
 def test_build_is_deterministic_and_matches_committed_files():
     first = build_dataset.build_outputs()
     assert build_dataset.build_outputs() == first
-    expected = [f"kwanzaa_{s}{k}.jsonl" for s in SPLITS for k in ("", "_records")]
+    expected = [f"kwanzaa_{s}{k}.jsonl" for s in (*SPLITS, "paraphrase") for k in ("", "_records")]
     expected += [build_dataset.MIX_FILE, build_dataset.NEAR_MISS_FILE, build_dataset.DECISIONS_FILE]
     assert sorted(first) == sorted(expected)
     assert build_dataset.stale_files(first) == []

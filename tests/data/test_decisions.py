@@ -50,12 +50,15 @@ def sources():
     return documents, {q.id: q for q in questions}
 
 
-def test_lines_are_answerless_records_the_eval_loader_reads(lines, examples):
-    assert all(list(line) == ["id", "question", "documents", "expect_refusal"] for line in lines)
+def test_lines_are_records_the_eval_loader_reads_with_a_gold_answer_on_answerable_ones_only(lines, examples):
+    for line in lines:
+        answerable = not line["expect_refusal"]
+        assert list(line) == ["id", "question", "documents", "expect_refusal", *(["answer"] if answerable else [])]
     items = load_eval_items(DATA_DIR / decisions.DECISIONS_FILE)
     assert [item.id for item in items] == [e.id for e in examples]
     for item, example in zip(items, examples):
-        assert item.reference is None and item.example.expect_refusal == example.expect_refusal
+        assert (item.reference is None) == example.expect_refusal
+        assert item.example.expect_refusal == example.expect_refusal
         assert [m["role"] for m in item.prompt] == ["system", "user"]
         assert item.prompt[1]["content"] == render_user_turn(example.question, example.documents)
 
@@ -76,6 +79,8 @@ def test_label_is_whether_every_gold_document_is_shown(examples, sources):
         assert question.is_refusal == (kind == "refusal"), example.id
         if kind == "answerable":
             assert gold <= set(shown), f"{example.id}: a gold document is missing"
+            cited = {shown[n - 1] for n in example.answer.cited_numbers()}  # the answer cites the gold documents
+            assert cited == gold, example.id
         elif kind == "refusal":
             kept = {_key(documents[doc_id]) for doc_id in question.shown_doc_ids}
             assert kept <= set(shown) and 1 <= len(shown) - len(kept) <= 3, example.id

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from kwanzaa_adapter.contract import CONTRACT_VERSION, DEFAULT_SYSTEM_PROMPT, parse_answer
 from kwanzaa_adapter.data.chat_template import TemplateError, tokenize_conversation
-from kwanzaa_adapter.data.records import ChatExample, RagRecord, render_record
+from kwanzaa_adapter.data.records import AnswerKey, ChatExample, RagRecord, render_record
 
 MAX_LINE_BYTES = 1 << 20
 MAX_DEPTH = 64
@@ -276,6 +276,9 @@ def _check_chat(value: dict, number: int, found: _Collector) -> Conversation | N
                                 found.path, number)
     if "expect_refusal" in conversation.meta or conversation.meta.get("task") == CONTRACT_VERSION:
         _check_chat_answer(conversation, found)
+    if {"gold_documents", "key_facts"} & conversation.meta.keys():  # as a RagRecord checks its own
+        for problem in AnswerKey.problems(conversation.meta):
+            found.add(number, "answer_key", f"meta{problem}")
     return conversation
 
 
