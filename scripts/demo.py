@@ -100,6 +100,17 @@ def gate_summary(metadata: dict) -> str:
             f"{gate['examples']} decision examples, {gate['refusals']} refuse); fitted in {gate['seconds']:.0f} s{share}")
 
 
+def evidence_summary(metadata: dict) -> str:
+    """The evidence selector's reading and its calibration on the training side."""
+    evidence = metadata["evidence"]
+    second = evidence["second_threshold"]
+    return (f"evidence selector: the question's attention in blocks 1-{evidence['blocks']} ({evidence['width']} "
+            f"values a sentence), cross-fitted top-1 accuracy {evidence['calibration_top1']:.3f} on "
+            f"{evidence['examples']} answerable decision examples; "
+            + (f"a second sentence at P >= {second:.2f}" if second <= 1 else "one sentence an answer")
+            + f"; fitted in the gate's pass ({evidence.get('seconds', 0):.0f} s with it)")
+
+
 def run(config: str = "configs/demo.yaml") -> int:
     configure_logging()
     from kwanzaa_adapter.cli.dryrun import make_plan
@@ -122,12 +133,21 @@ def run(config: str = "configs/demo.yaml") -> int:
     metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
     if result.gate is not None:
         print(gate_summary(metadata))
+    if metadata.get("evidence"):
+        print(evidence_summary(metadata))
     if result.behavior is not None:
-        print("\nbehavioral metrics on the eval split, base model vs adapter"
-              + (" and adapter with its answerability gate:" if result.behavior.gated else ":"))
+        lexical = result.behavior.baselines["lexical"]
+        print("\nbehavioral metrics on the eval split: the baselines a user could pick instead (base: the base model "
+              "under the contract's grammar; lexical: refuse below a question-word overlap of "
+              f"{lexical['threshold']:.3f}, fitted on {lexical['train_examples']} train records, else the sentence "
+              "sharing most words with the question), then the adapter"
+              + (", with its answerability gate" if result.behavior.gated else "")
+              + (" and as the product finishes its answers (evidence, grounding)" if result.behavior.finished else "")
+              + ":")
         print(result.behavior.table())
         for run in result.behavior.runs:
-            print(f"generation ({run.label}, {run.engine}): {run.tokens_per_second:.1f} tokens/s")
+            if run.engine != "lexical":
+                print(f"generation ({run.label}, {run.engine}): {run.tokens_per_second:.1f} tokens/s")
         for label, choice in (result.behavior.engine or {}).items():
             if choice.get("fallback_reason"):
                 print(f"the {label} run fell back to the reference path: {choice['fallback_reason']}")

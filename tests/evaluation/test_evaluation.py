@@ -12,8 +12,8 @@ from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT, Answer, parse_answer
 from kwanzaa_adapter.data.records import RagRecord, render_record
 from kwanzaa_adapter.evaluation.eval_set import EvalItem, EvaluationDataError, load_eval_items
 from kwanzaa_adapter.evaluation.metrics import Example
-from kwanzaa_adapter.evaluation.runs import (EvalRun, comparison_json, comparison_table, evaluate,
-                                             evaluate_base_and_adapter, plot_comparison, write_predictions)
+from kwanzaa_adapter.evaluation.runs import (EvalRun, comparison_json, comparison_table, evaluate, evaluate_base,
+                                             plot_comparison, write_predictions)
 from kwanzaa_adapter.generation.decoding import generate
 
 DOCS = [
@@ -170,9 +170,9 @@ def test_disabled_adapter_reproduces_the_base_model_and_the_adapter_changes_outp
 ):
     items = items_for(prompts_of_different_lengths())
     reference = generate(tiny_llama, tokenizer, [i.prompt for i in items], max_new_tokens=MAX_NEW, batch_size=5, progress=False)
-    base_run, adapter_run = evaluate_base_and_adapter(
-        perturbed_peft_model, tokenizer, items, max_new_tokens=MAX_NEW, batch_size=5, progress=False
-    )
+    settings = dict(max_new_tokens=MAX_NEW, batch_size=5, progress=False)
+    base_run = evaluate_base(perturbed_peft_model, tokenizer, items, **settings)
+    adapter_run = evaluate(perturbed_peft_model, tokenizer, items, label="adapter", **settings)
     assert [row["output"] for row in base_run.rows] == reference.outputs
     assert [row["output"] for row in adapter_run.rows] != reference.outputs
     assert (base_run.label, adapter_run.label) == ("base", "adapter")
@@ -183,7 +183,8 @@ def test_disabled_adapter_reproduces_the_base_model_and_the_adapter_changes_outp
 
 
 ROW_KEYS = {"id", "model", "output", "parsed", "parse_error", "json_valid", "refused", "refusal_correct",
-            "citation_ok", "groundedness", "cited", "gold_cited", "decision", "refuse_probability", "engine"}
+            "citation_ok", "groundedness", "cited", "gold_cited", "decision", "refuse_probability", "engine",
+            "facts_missing", "correct", "cited_gold", "cited_other", "exact"}
 
 
 def test_evaluate_scores_every_item_and_predictions_have_one_line_per_example_and_model(
@@ -193,7 +194,8 @@ def test_evaluate_scores_every_item_and_predictions_have_one_line_per_example_an
     run = evaluate(tiny_llama, tokenizer, items, max_new_tokens=4, batch_size=2, label="base", progress=False)
     # Random weights never emit a valid answer: every rate follows from invalid outputs.
     assert run.rates == {"json_validity_rate": 0.0, "citation_rate": 0.0,
-                         "refusal_correctness_rate": 0.0, "retrieval_groundedness_rate": None}
+                         "refusal_correctness_rate": 0.0, "retrieval_groundedness_rate": None,
+                         "answer_correctness_rate": None, "gold_citation_precision": None, "exact_answer_rate": None}
     other = EvalRun("adapter", run.rates, [{**row, "model": "adapter"} for row in run.rows], 1.0)
     path = write_predictions(tmp_path / "out" / "eval_predictions.jsonl", [run, other])
     lines = [json.loads(line) for line in path.read_text().splitlines()]
@@ -211,25 +213,30 @@ ADAPTER = {"json_validity_rate": 1.0, "citation_rate": 0.75, "refusal_correctnes
            "retrieval_groundedness_rate": 0.6}
 
 
-def test_comparison_table_shows_differences_and_na():
-    table = comparison_table(BASE, ADAPTER)
+LEXICAL = {"json_validity_rate": 1.0, "citation_rate": 1.0, "refusal_correctness_rate": 0.75,
+           "retrieval_groundedness_rate": 1.0, "answer_correctness_rate": 0.5}
+
+
+def test_comparison_table_has_a_column_per_run_in_order_and_na():
+    table = comparison_table({"base": BASE, "lexical": LEXICAL, "adapter+gate": ADAPTER})
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
     assert rows == {
-        "json_validity_rate": ["0.250", "1.000", "+0.750"],
-        "citation_rate": ["n/a", "0.750", "n/a"],
-        "refusal_correctness_rate": ["0.500", "0.250", "-0.250"],
-        "retrieval_groundedness_rate": ["0.000", "0.600", "+0.600"],
+        "json_validity_rate": ["0.250", "1.000", "1.000"],
+        "citation_rate": ["n/a", "1.000", "0.750"],
+        "refusal_correctness_rate": ["0.500", "0.750", "0.250"],
+        "retrieval_groundedness_rate": ["0.000", "1.000", "0.600"],
+        "answer_correctness_rate": ["n/a", "0.500", "n/a"],
     }
-    assert table.splitlines()[0].split() == ["metric", "base", "adapter", "difference"]
+    assert table.splitlines()[0].split() == ["metric", "base", "lexical", "adapter+gate"]
 
 
-def test_comparison_json_keys_by_model_then_metric():
-    runs = EvalRun("base", BASE, [], 1.0), EvalRun("adapter", ADAPTER, [], 1.0)
-    assert comparison_json(*runs) == {"base": BASE, "adapter": ADAPTER}
+def test_comparison_json_keys_by_run_then_metric():
+    runs = EvalRun("base", BASE, [], 1.0), EvalRun("lexical", LEXICAL, [], 0.0), EvalRun("adapter+gate", ADAPTER, [], 1.0)
+    assert comparison_json(runs) == {"base": BASE, "lexical": LEXICAL, "adapter_gate": ADAPTER}
 
 
 def test_plot_is_a_png(tmp_path):
-    path = plot_comparison(BASE, ADAPTER, tmp_path / "plots" / "comparison.png")
+    path = plot_comparison({"base": BASE, "lexical": LEXICAL, "adapter": ADAPTER}, tmp_path / "plots" / "comparison.png")
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
 

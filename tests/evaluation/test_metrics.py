@@ -15,6 +15,9 @@ from kwanzaa_adapter.evaluation.metrics import (
     compute_json_validity_rate,
     compute_refusal_correctness_rate,
     compute_retrieval_groundedness_rate,
+    compute_answer_correctness_rate,
+    compute_exact_answer_rate,
+    compute_gold_citation_precision,
     content_words,
     score_example,
     split_sentences,
@@ -264,8 +267,15 @@ def test_verdict_has_exactly_the_documented_keys_and_is_json_serializable():
         "groundedness": 1.0,
         "cited": [1],
         "gold_cited": None,  # this example names no gold document
+        # and carries no answer key: none of the correctness verdicts applies
+        "facts_missing": None, "correct": None, "cited_gold": None, "cited_other": None, "exact": None,
     }
     json.dumps(verdict)
+    graded = Example(ANSWERABLE.question, DOCS, expect_refusal=False, gold=frozenset({1}), key_facts=("1966",))
+    assert {k: v for k, v in score_example(graded, GOOD).items() if k in ("facts_missing", "correct", "cited_gold",
+                                                                          "cited_other", "exact")} == {
+        "facts_missing": [], "correct": True, "cited_gold": 1, "cited_other": 0, "exact": True}
+    json.dumps(score_example(graded, GOOD))
 
 
 def test_gold_citation_rate_counts_due_answers_that_cite_a_document_holding_the_answer():
@@ -290,18 +300,25 @@ def test_aggregate_of_verdicts_equals_the_compute_functions():
         "citation_rate": compute_citation_rate(examples, outputs),
         "refusal_correctness_rate": compute_refusal_correctness_rate(examples, outputs),
         "retrieval_groundedness_rate": compute_retrieval_groundedness_rate(examples, outputs),
+        "answer_correctness_rate": compute_answer_correctness_rate(examples, outputs),
+        "gold_citation_precision": compute_gold_citation_precision(examples, outputs),
+        "exact_answer_rate": compute_exact_answer_rate(examples, outputs),
     }
     assert rates == {
         "json_validity_rate": 4 / 5,
         "citation_rate": 1 / 3,
         "refusal_correctness_rate": 3 / 5,
         "retrieval_groundedness_rate": (1.0 + 0.0 + 1.0) / 3,
+        "answer_correctness_rate": None,  # the examples carry no answer key
+        "gold_citation_precision": None,
+        "exact_answer_rate": None,
     }
 
 
 def test_aggregate_of_nothing_is_all_none():
     assert aggregate([]) == dict.fromkeys(
-        ["json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate"]
+        ["json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
+         "answer_correctness_rate", "gold_citation_precision", "exact_answer_rate"]
     )
 
 

@@ -133,7 +133,7 @@ def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_conf
     fast = ("inference.engine=llama.cpp", "inference.quant=f16", f"inference.cache_dir={tmp_path / 'cache'}")
     result = train_adapter(gate_config, fast)
     report = result.behavior
-    assert {run.engine for run in report.runs} == {"llama.cpp (f16)"} and report.gated is not None
+    assert {run.engine for run in report.runs} == {"llama.cpp (f16)", "lexical"} and report.gated is not None
     derived = report.as_json()["engine"]["adapter"]["derived"]["derives_from"]
     assert derived["adapter_digest"] and derived["base_digest"]  # from the base checked against the baseline
     metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
@@ -151,7 +151,8 @@ def test_training_and_eval_run_the_gated_evaluation_on_the_fast_engine(gate_conf
                      str(out), "--set", f"inference.engine={engine}", "--set", "inference.quant=f16", "--set",
                      f"inference.cache_dir={tmp_path / 'cache'}"]) == 0
         rows = [json.loads(line) for line in (out.parent / "eval_predictions.jsonl").read_text().splitlines()]
-        assert {row["engine"] for row in rows} == {"reference" if engine == "reference" else "llama.cpp (f16)"}
+        assert {row["engine"] for row in rows} == {"reference" if engine == "reference" else "llama.cpp (f16)",
+                                                   "lexical"}
         outputs[engine] = [(row["model"], row["id"], row["output"], row["decision"]) for row in rows]
     assert outputs["llama.cpp"] == outputs["reference"]
     assert backend_engines == []  # eval chooses an engine per variant; the backend model derives none of its own

@@ -127,7 +127,8 @@ def test_a_near_miss_line_from_the_eval_split_fails_step_one(tmp_path, tiny_mode
     config = write_run_config(tmp_path, tiny_model_dir)
     train_line = json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0])
     eval_line = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[0])
-    eval_line["meta"] = {**eval_line["meta"], "expect_refusal": True, "near_miss_of": train_line["meta"]["id"]}
+    meta = {k: v for k, v in eval_line["meta"].items() if k not in ("gold_documents", "key_facts")}  # a refusal's
+    eval_line["meta"] = {**meta, "expect_refusal": True, "near_miss_of": train_line["meta"]["id"]}
     near_miss = tmp_path / "near_miss.jsonl"
     near_miss.write_text(json.dumps(eval_line) + "\n")
     assert main(["train", "--config", str(config), "--set", "training.preference.enabled=true",

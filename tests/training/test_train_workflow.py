@@ -225,12 +225,14 @@ def test_eval_command_compares_base_and_adapter_and_writes_predictions(trained, 
                  "--output", str(output)]) == 0
     assert "refusal_correctness_rate" in capsys.readouterr().out
     metrics = json.loads(output.read_text())
-    names = {"json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate"}
-    assert set(metrics) == {"base", "adapter", "engine"} and set(metrics["base"]) == set(metrics["adapter"]) == names
+    names = {"json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
+             "gold_citation_rate", "answer_correctness_rate", "gold_citation_precision", "exact_answer_rate"}
+    assert set(metrics) == {"base", "lexical", "adapter", "engine", "baselines"}
+    assert set(metrics["base"]) == set(metrics["lexical"]) == set(metrics["adapter"]) == names
     assert metrics["engine"] == {"base": {"engine": "reference"}, "adapter": {"engine": "reference"}}
     rows = [json.loads(line) for line in (output.parent / "eval_predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 4 and {r["model"] for r in rows} == {"base", "adapter"}
-    assert {r["engine"] for r in rows} == {"reference"}
+    assert len(rows) == 3 * 4 and {r["model"] for r in rows} == {"base", "lexical", "adapter"}
+    assert {r["engine"] for r in rows} == {"reference", "lexical"}
     assert {"id", "output", "json_valid", "refusal_correct"} <= set(rows[0])
 
 
@@ -250,8 +252,10 @@ def test_behavioral_metrics_reach_metadata_card_and_chart(tmp_path, tiny_model_d
     metadata = json.loads((result.artifact_dir / "metadata.json").read_text())
     behavioral = metadata["final_metrics"]["behavioral"]
     assert set(behavioral["adapter"]) >= {"json_validity_rate", "citation_rate"}
-    assert "| json_validity_rate |" in (result.artifact_dir / "README.md").read_text()
-    assert len((result.run_dir / "eval_predictions.jsonl").read_text().splitlines()) == 8
+    card = (result.artifact_dir / "README.md").read_text()
+    assert "| json_validity_rate |" in card and "| answer_correctness_rate |" in card
+    assert "| metric | base (grammar) | lexical rules | adapter |" in card
+    assert len((result.run_dir / "eval_predictions.jsonl").read_text().splitlines()) == 3 * 4
 
 
 def test_resume_refuses_a_base_model_that_differs_from_the_runs_baseline(tmp_path, tiny_model_dir, capsys):

@@ -51,14 +51,16 @@ def cmd_eval(args) -> int:
 
     served, _ = load_model(args)
     report = measure_behavior(served.config, served.model, served.tokenizer, args.data,
-                              with_adapter=bool(args.adapter), gate=served.gate, base_digest=served.base_digest)
+                              with_adapter=bool(args.adapter), gate=served.gate, base_digest=served.base_digest,
+                              selector=served.selector)
     if served.gate is not None:
         g = served.gate.describe()
         print(f"answerability gate: block {g['layer']}, threshold {g['threshold']:.3f}, calibration AUC "
               f"{g.get('calibration_auc', float('nan')):.3f} (gate.apply=false leaves it out)")
     print(report.table())
     for run in report.runs:
-        print(f"generation {run.label} ({run.engine}): {run.tokens_per_second:.1f} tokens/s")
+        if run.engine != "lexical":
+            print(f"generation {run.label} ({run.engine}): {run.tokens_per_second:.1f} tokens/s")
     if args.output:
         print(f"wrote {save_eval_output(report, Path(args.output))}")
     return EXIT_OK
@@ -202,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan and memory estimate; write nothing")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="behavioral metrics of the base model and of base+adapter, side by side")
+    p = sub.add_parser("eval", help="behavioral metrics of the baselines (base model under the grammar, lexical "
+                                    "rules) and of base+adapter, side by side")
     model_arguments(p)
     p.add_argument("--data", help="eval JSONL (RAG records, or chat form with meta.documents); default data.eval_file")
     p.add_argument("--output", help="write the metrics JSON here, eval_predictions.jsonl beside it")

@@ -1,4 +1,4 @@
-"""Base model versus base+adapter on an eval set: used at the end of training and by `eval`."""
+"""The adapter beside the baselines a user could pick instead, on an eval set: at the end of training and by `eval`."""
 
 from __future__ import annotations
 
@@ -9,18 +9,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kwanzaa_adapter.config import KwanzaaConfig
+from kwanzaa_adapter.evaluation.baselines import LEXICAL, fit_lexical_baseline
 from kwanzaa_adapter.evaluation.eval_set import load_eval_items
 from kwanzaa_adapter.evaluation.runs import (
     EvalRun,
     comparison_json,
     comparison_table,
+    engine_arguments,
     evaluate,
-    evaluate_base_and_adapter,
+    evaluate_base,
     evaluate_with_and_without_gate,
+    finished_run,
     plot_comparison,
+    scored_run,
+    select_evidence,
     write_predictions,
 )
 from kwanzaa_adapter.generation.engines import choose_engines
+from kwanzaa_adapter.generation.evidence import EvidenceSelector
 from kwanzaa_adapter.generation.gate import AnswerabilityGate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
@@ -30,77 +36,108 @@ COMPARISON_PLOT = "behavior_comparison.png"
 
 @dataclass
 class BehaviorReport:
-    base: EvalRun
+    base: EvalRun  # the base model answering under the contract's grammar
     adapter: EvalRun | None
     seconds: float = 0.0  # every generation pass and its scoring
     gated: EvalRun | None = None  # the adapter with its answerability gate, beside it without
     gate: dict | None = None  # the gate's description (layer, threshold, calibration AUC)
     engine: dict | None = None  # which engine generated each run, and why the reference if it did
+    lexical: EvalRun | None = None  # the word-overlap rules (`baselines`), no model
+    baselines: dict | None = None  # how the baselines were made (the lexical threshold and its fit)
+    finished: EvalRun | None = None  # the gated (else plain) answers with the evidence and grounding applied
 
     @property
     def runs(self) -> list[EvalRun]:
-        return [run for run in (self.base, self.adapter, self.gated) if run is not None]
+        """Baselines first (base, lexical), then the adapter, with its gate, and as the product finishes it."""
+        return [run for run in (self.base, self.lexical, self.adapter, self.gated, self.finished) if run is not None]
+
+    @property
+    def product(self) -> EvalRun | None:
+        """The run of the answers as the product hands them out."""
+        return self.finished or self.gated or self.adapter
+
+    def columns(self) -> dict[str, dict]:
+        return {run.label: run.rates for run in self.runs}
 
     def as_json(self) -> dict:
-        if self.adapter is None:
-            return {"base": self.base.rates}
-        result = comparison_json(self.base, self.adapter, self.gated)
-        if self.gate is not None:
-            result["gate"] = self.gate
-        if self.engine is not None:
-            result["engine"] = self.engine
+        result = comparison_json(self.runs)
+        for key, value in (("gate", self.gate), ("engine", self.engine), ("baselines", self.baselines)):
+            if value is not None:
+                result[key] = value
         return result
 
     def table(self) -> str:
-        return comparison_table(self.base.rates, self.adapter.rates if self.adapter else {},
-                                self.gated.rates if self.gated else None)
+        return comparison_table(self.columns())
 
     def generation_tokens_per_second(self) -> dict:
-        return {run.label: run.tokens_per_second for run in self.runs}
+        return {run.label: run.tokens_per_second for run in self.runs if run.engine != LEXICAL}
 
     def write(self, predictions_path: Path, plot_path: Path | None = None) -> None:
         write_predictions(predictions_path, self.runs)
-        if plot_path is not None and self.adapter is not None:
-            plot_comparison(self.base.rates, self.adapter.rates, plot_path, self.gated.rates if self.gated else None)
+        if plot_path is not None:
+            plot_comparison(self.columns(), plot_path)
+
+
+def log_ungraded(items, path) -> None:
+    """One log line when no item carries an answer key: why the correctness rates read n/a."""
+    if not any(item.example.graded for item in items):
+        log.info("answer correctness, gold citation precision, exact answers: n/a: no record of %s carries an "
+                 "answer key (gold_documents and key_facts)", path)
 
 
 def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | Path | None = None,
                      with_adapter: bool = True, gate: AnswerabilityGate | None = None,
-                     base_digest: str | None = None) -> BehaviorReport:
-    """Generate on the eval items with the base model and, when `with_adapter`, with the adapter too;
-    with a `gate` (applied unless gate.apply is off), the adapter once more with the gate holding
-    every decision, so that both are seen side by side.
+                     base_digest: str | None = None, selector: EvidenceSelector | None = None) -> BehaviorReport:
+    """Score on the eval items the baselines a user could pick instead (the base model under the
+    contract's grammar; the lexical rules, fitted on `data.train_file`) and, when `with_adapter`, the
+    adapter; with a `gate` (applied unless gate.apply is off), the adapter once more with the gate
+    holding every decision, so that all are seen side by side; with `evidence.apply` (and the artifact's
+    `selector`) or `evidence.grounding_check`, those answers once more as the product finishes them.
 
     `inference.engine` picks the engine (`generation.engines`); the fast one derives its models from
     `model` and the checked `base_digest` of its base, and the report says which engine ran."""
     items = load_eval_items(data_file or config.data.eval_file, config.data.system_prompt,
                             max_examples=config.evaluation.max_examples)
-    grammar = SchemaGrammar(tokenizer) if config.evaluation.constrained_decoding else None
-    options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size,
-                   grammar=grammar)
+    contract = SchemaGrammar(tokenizer)
+    grammar = contract if config.evaluation.constrained_decoding else None
+    options = dict(max_new_tokens=config.evaluation.max_new_tokens, batch_size=config.evaluation.batch_size)
     log.info("behavioral evaluation on %d examples", len(items))
+    log_ungraded(items, data_file or config.data.eval_file)
     started = time.perf_counter()
+    lexical_rules = fit_lexical_baseline(config.data.train_file, config.data.system_prompt)
+    lexical = scored_run(items, lexical_rules.outputs(items), LEXICAL, engine_name=LEXICAL)
     gated = with_adapter and gate is not None and config.gate.apply
     wanted = {"base": (False, None), **({"adapter": (True, gate.layer if gated else None)} if with_adapter else {})}
     engines = choose_engines(config, model, tokenizer, base_digest=base_digest, wanted=wanted)
-    base_engine = {"engine": engines["base"].engine, "engine_name": engines["base"].name}
+    base = evaluate_base(model, tokenizer, items, grammar=contract, **options, **engine_arguments(engines["base"]))
     adapter, gated_run = None, None
-    if not with_adapter:
-        base = evaluate(model, tokenizer, items, label="base", **options, **base_engine)
-    else:
+    if with_adapter:
         fast = engines["adapter"]
         if gated and fast.engine is not None:  # one pass for both: each prompt pre-filled once
-            base = evaluate(model, tokenizer, items, label="base", **options, **base_engine)
             adapter, gated_run = evaluate_with_and_without_gate(model, tokenizer, items, gate=gate, choice=fast,
-                                                                **options)
+                                                                grammar=grammar, **options)
         else:
-            base, adapter = evaluate_base_and_adapter(model, tokenizer, items, **options, engines=engines)
+            adapter = evaluate(model, tokenizer, items, label="adapter", grammar=grammar, **options,
+                               **engine_arguments(fast))
             if gated:
-                gated_run = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, **options,
-                                     engine=fast.engine, engine_name=fast.name)
+                gated_run = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, grammar=grammar,
+                                     **options, **engine_arguments(fast))
+    finished = None
+    settings = config.evidence
+    if with_adapter and (settings.grounding_check or (selector is not None and settings.apply != "none")):
+        product = gated_run or adapter
+        evidences = select_evidence(model, tokenizer, product, items, selector) \
+            if selector is not None and settings.apply != "none" else None
+        finished = finished_run(product, items, f"{product.label}+evidence", evidences=evidences, mode=settings.apply,
+                                grounding=settings.grounding_check)
+    if with_adapter and selector is None and settings.apply != "none":
+        log.warning("evidence.apply is %s but there is no evidence selector (no artifact's, none fitted): the "
+                    "answers are left as generated", config.evidence.apply)
     report = BehaviorReport(base, adapter, time.perf_counter() - started, gated_run,
                             gate.describe() if gate is not None else None,
-                            {label: choice.describe() for label, choice in engines.items()})
+                            {label: choice.describe() for label, choice in engines.items()}, lexical,
+                            {"base": "the base model under the contract's grammar",
+                             LEXICAL: lexical_rules.describe()}, finished)
     log.info("behavioral metrics:\n%s", report.table())
     return report
 

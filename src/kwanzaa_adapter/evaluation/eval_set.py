@@ -10,10 +10,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from kwanzaa_adapter.contract import DEFAULT_SYSTEM_PROMPT, parse_answer
-from kwanzaa_adapter.data.records import ChatExample, Document, RagRecord, render_record
+from kwanzaa_adapter.data.records import AnswerKey, ChatExample, Document, RagRecord, question_of, render_record
 from kwanzaa_adapter.evaluation.metrics import Example
 
 
@@ -31,10 +31,9 @@ class EvalItem:
     reference: str | None = None
 
 
-class _ChatMeta(BaseModel):
-    """What a chat-form line's `meta` must carry to be scored; other meta keys are kept, unread."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
+class _ChatMeta(AnswerKey):
+    """What a chat-form line's `meta` must carry to be scored (the answer key is optional); other meta
+    keys are kept, unread."""
 
     id: str
     expect_refusal: bool
@@ -124,14 +123,17 @@ def _chat_item(value: dict, where: str) -> EvalItem:
     reference = chat.messages[last_assistant].content
     gold = parse_answer(reference).answer
     cited = gold.cited_numbers() if gold is not None and not info.expect_refusal else []
-    example = Example(question=prompt[-1]["content"], documents=info.documents, expect_refusal=info.expect_refusal,
-                      gold=frozenset(cited))
+    if info.gold_documents is not None:
+        cited = info.gold_documents
+    example = Example(question=question_of(prompt[-1]["content"]), documents=info.documents, expect_refusal=info.expect_refusal,
+                      gold=frozenset(cited), key_facts=tuple(info.key_facts) if info.key_facts is not None else None)
     return EvalItem(info.id, prompt, example, reference)
 
 
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors():
-        location = ".".join(str(p) for p in error["loc"]) or "<root>"
-        parts.append(f"{location}: {error['msg']}")
+        location = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{location}: {message}" if location else message)
     return "; ".join(parts)

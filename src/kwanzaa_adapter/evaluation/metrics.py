@@ -14,6 +14,16 @@ Choices the spec leaves open, decided here:
   A sentence is grounded when some `[n]` in it names a provided document whose content words
   (title and text) cover at least half of the sentence's content words (so a sentence with no
   content words, e.g. "Yes [1].", only needs a valid marker). An answer with empty text scores 0.0.
+
+Whether an answer is *right* is scored where the eval record carries its answer key (`gold_documents`,
+`key_facts`; `data.records.RagRecord`), over the answerable records:
+- answer_correctness_rate: answered (valid, not refused) with every key fact stated in answer.text
+  (`data.facts.states`: case, punctuation and number words normalised); a refusal or an invalid
+  output is not correct.
+- gold_citation_precision: cited documents that are gold over all documents cited, counted over the
+  answered answerable records (each cited document once per answer).
+- exact_answer_rate: correct, citing at least one gold document and none outside them.
+A file without answer keys gets None (n/a) for these three.
 """
 
 from __future__ import annotations
@@ -21,13 +31,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Protocol
 
 from kwanzaa_adapter.contract import CITATION_MARKER, Answer, parse_answer
+from kwanzaa_adapter.data.facts import missing_facts
+from kwanzaa_adapter.data.words import STOP_WORDS, content_words, split_sentences  # noqa: F401 (the metrics' words)
 from kwanzaa_adapter.data.records import RagRecord
 
 logger = logging.getLogger(__name__)
@@ -184,49 +195,23 @@ class Example:
     documents: Sequence[DocumentLike]
     expect_refusal: bool
     gold: frozenset[int] = frozenset()  # numbers of the documents that hold the answer (the gold answer's citations)
+    key_facts: tuple[str, ...] | None = None  # what a right answer states; None: the record has no answer key
 
     @classmethod
     def from_record(cls, record: RagRecord) -> "Example":
         gold = record.answer.cited_numbers() if record.answer is not None and not record.expect_refusal else []
-        return cls(record.question, list(record.documents), record.expect_refusal, frozenset(gold))
+        if record.gold_documents is not None:
+            gold = record.gold_documents
+        facts = tuple(record.key_facts) if record.key_facts is not None else None
+        return cls(record.question, list(record.documents), record.expect_refusal, frozenset(gold), facts)
+
+    @property
+    def graded(self) -> bool:
+        """Whether the example carries an answer key for the correctness rates."""
+        return self.key_facts is not None and not self.expect_refusal
 
 
 ExampleLike = Example | RagRecord
-
-
-# Function words only; words shorter than three letters are dropped before this list applies.
-STOP_WORDS = frozenset(
-    """
-    about above after again against all also although among and any are because been before
-    being below between both but can cannot could did does doing down during each either else ever
-    every few for from further had has have having her here hers herself him himself his how however
-    into its itself just least less many may might more most much must neither nor not now off once
-    only other others our ours ourselves out over own per rather same she should since some such than
-    that the their theirs them themselves then there these they this those though through thus too
-    toward towards under until upon very via was were what whatever when where whether which while
-    who whom whose why will with within without would yet you your yours yourself yourselves
-    """.split()
-)
-
-_WORD = re.compile(r"[^\W_]+")
-# A sentence ends at . ! or ? (and any [n] markers right after it) followed by whitespace or the end.
-_SENTENCE_END = re.compile(r"[.!?]+(?:\s*\[\d+\])*(?=\s|$)")
-
-
-def content_words(text: str) -> set[str]:
-    """Lowercase alphanumeric tokens of three or more characters, minus stop words and [n] markers."""
-    words = _WORD.findall(CITATION_MARKER.sub(" ", text).lower())
-    return {word for word in words if len(word) >= 3 and word not in STOP_WORDS}
-
-
-def split_sentences(text: str) -> list[str]:
-    """Split after . ! ? followed by whitespace or the end; markers after the stop stay with it."""
-    sentences, start = [], 0
-    for match in _SENTENCE_END.finditer(text):
-        sentences.append(text[start : match.end()].strip())
-        start = match.end()
-    sentences.append(text[start:].strip())
-    return [sentence for sentence in sentences if sentence]
 
 
 def score_example(example: ExampleLike, output: str) -> dict:
@@ -240,7 +225,8 @@ def score_example(example: ExampleLike, output: str) -> dict:
     refused = answer is not None and answer.is_refusal
     should_answer = not example.expect_refusal
     gold = set(getattr(example, "gold", ()))  # a RagRecord brings none: only Example names its gold documents
-    answered_due = answer is not None and not refused and should_answer and bool(gold)
+    answered = answer is not None and not refused
+    answered_due = answered and should_answer and bool(gold)
     return {
         "json_valid": answer is not None,
         "parse_error": parsed.error,
@@ -251,7 +237,22 @@ def score_example(example: ExampleLike, output: str) -> dict:
         "cited": answer.cited_numbers() if answer is not None else [],
         # Answered where an answer was due: does it cite a document that holds the answer?
         "gold_cited": bool(set(answer.cited_numbers()) & gold) if answered_due else None,
+        **_correctness(example, answer if answered else None, gold),
     }
+
+
+def _correctness(example: ExampleLike, answer: Answer | None, gold: set[int]) -> dict:
+    """The verdicts behind the correctness rates: None unless the example is graded; an answer that is
+    missing, invalid or a refusal is not correct and cites nothing."""
+    if not getattr(example, "graded", False):
+        return {"facts_missing": None, "correct": None, "cited_gold": None, "cited_other": None, "exact": None}
+    cited = set(answer.cited_numbers()) if answer is not None else set()
+    missing = missing_facts(answer.answer.text, example.key_facts) if answer is not None else list(example.key_facts)
+    correct = answer is not None and not missing
+    return {"facts_missing": missing, "correct": correct,
+            "cited_gold": len(cited & gold) if answer is not None else None,
+            "cited_other": len(cited - gold) if answer is not None else None,
+            "exact": correct and bool(cited & gold) and not cited - gold}
 
 
 def _citation_ok(answer: Answer | None, document_count: int) -> bool:
@@ -285,8 +286,9 @@ def _sentence_grounded(sentence: str, document_words: list[set[str]]) -> bool:
 
 
 def aggregate(verdicts: Sequence[Mapping]) -> dict:
-    """The four rates of SPEC section 6 from `score_example` verdicts, and the share of due answers
-    that cite a gold document (where the examples name one); None where no example applies."""
+    """The four rates of SPEC section 6 from `score_example` verdicts, the share of due answers that
+    cite a gold document (where the examples name one) and the three correctness rates (None where no
+    example is graded); None where no example applies."""
     citation = [v["citation_ok"] for v in verdicts if v["citation_ok"] is not None]
     groundedness = [v["groundedness"] for v in verdicts if v["groundedness"] is not None]
     gold = [v["gold_cited"] for v in verdicts if v.get("gold_cited") is not None]
@@ -298,6 +300,12 @@ def aggregate(verdicts: Sequence[Mapping]) -> dict:
     }
     if gold:
         rates["gold_citation_rate"] = _mean(gold)
+    graded = [v for v in verdicts if v.get("correct") is not None]
+    cited_gold = sum(v["cited_gold"] for v in graded if v["cited_gold"] is not None)
+    cited = cited_gold + sum(v["cited_other"] for v in graded if v["cited_other"] is not None)
+    rates["answer_correctness_rate"] = _mean([v["correct"] for v in graded])
+    rates["gold_citation_precision"] = cited_gold / cited if cited else None
+    rates["exact_answer_rate"] = _mean([v["exact"] for v in graded])
     return rates
 
 
@@ -329,3 +337,15 @@ def compute_refusal_correctness_rate(examples: Sequence[ExampleLike], outputs: S
 
 def compute_retrieval_groundedness_rate(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
     return aggregate(score_all(examples, outputs))["retrieval_groundedness_rate"]
+
+
+def compute_answer_correctness_rate(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
+    return aggregate(score_all(examples, outputs))["answer_correctness_rate"]
+
+
+def compute_gold_citation_precision(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
+    return aggregate(score_all(examples, outputs))["gold_citation_precision"]
+
+
+def compute_exact_answer_rate(examples: Sequence[ExampleLike], outputs: Sequence[str]) -> float | None:
+    return aggregate(score_all(examples, outputs))["exact_answer_rate"]

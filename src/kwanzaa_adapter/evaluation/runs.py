@@ -8,15 +8,19 @@ format it was trained on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from kwanzaa_adapter.contract import parse_answer
 from kwanzaa_adapter.evaluation.eval_set import EvalItem
 from kwanzaa_adapter.evaluation.metrics import aggregate, score_example
 from kwanzaa_adapter.generation.decoding import generate
+from kwanzaa_adapter.generation.evidence import answered, finish_answer
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, decision_label
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 
@@ -50,12 +54,13 @@ def evaluate(
         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
         gate=gate, forced=forced, engine=engine,
     )
-    return _scored_run(items, result.outputs, label, result.refuse, result.refuse_probabilities,
-                       result.tokens_per_second, engine_name)
+    return scored_run(items, result.outputs, label, result.refuse, result.refuse_probabilities,
+                      result.tokens_per_second, engine_name)
 
 
-def _scored_run(items: Sequence[EvalItem], outputs: Sequence[str], label: str, decided: Sequence | None,
-                probabilities: Sequence | None, tokens_per_second: float, engine_name: str) -> EvalRun:
+def scored_run(items: Sequence[EvalItem], outputs: Sequence[str], label: str, decided: Sequence | None = None,
+               probabilities: Sequence | None = None, tokens_per_second: float = 0.0,
+               engine_name: str = "reference") -> EvalRun:
     """Each output scored as a row naming its engine (and the decision held, where there was one), aggregated."""
     decided = decided or [None] * len(items)
     probabilities = probabilities or [None] * len(items)
@@ -72,20 +77,12 @@ def _row(item: EvalItem, output: str, label: str, refuse: bool | None = None, pr
             "decision": decision_label(refuse), "refuse_probability": probability, **verdict}
 
 
-def evaluate_base_and_adapter(
-    peft_model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int,
-    base_label: str = "base", adapter_label: str = "adapter", progress: bool = True,
-    grammar: SchemaGrammar | None = None, engines: Mapping | None = None,
-) -> tuple[EvalRun, EvalRun]:
-    """Evaluate the base model (adapter disabled) and the adapted model, from one loaded PeftModel;
-    `engines` ({"base": EngineChoice, "adapter": EngineChoice}) where the fast engine generates."""
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar)
-    engines = engines or {}
-    with peft_model.disable_adapter():
-        base_run = evaluate(peft_model, tokenizer, items, label=base_label, **settings, **_engine(engines.get("base")))
-    adapter_run = evaluate(peft_model, tokenizer, items, label=adapter_label, **settings,
-                           **_engine(engines.get("adapter")))
-    return base_run, adapter_run
+def evaluate_base(peft_model, tokenizer, items: Sequence[EvalItem], *, label: str = "base", engine=None,
+                  **settings) -> EvalRun:
+    """The base model (the adapter disabled, on the reference path; the fast engine's base is a model of
+    its own) on the items, with `evaluate`'s `settings`."""
+    with peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext():
+        return evaluate(peft_model, tokenizer, items, label=label, engine=engine, **settings)
 
 
 def evaluate_with_and_without_gate(
@@ -102,12 +99,38 @@ def evaluate_with_and_without_gate(
         stop_ids=end_of_turn_ids(model, tokenizer), progress=progress, grammar=grammar, gate=gate,
         gated=[False] * len(items) + [True] * len(items))
     ungated, gated = slice(0, len(items)), slice(len(items), 2 * len(items))
-    return (_scored_run(items, result.outputs[ungated], labels[0], None, None, result.tokens_per_second, choice.name),
-            _scored_run(items, result.outputs[gated], labels[1], result.refuse[gated],
-                        result.refuse_probabilities[gated], result.tokens_per_second, choice.name))
+    return (scored_run(items, result.outputs[ungated], labels[0], None, None, result.tokens_per_second, choice.name),
+            scored_run(items, result.outputs[gated], labels[1], result.refuse[gated],
+                       result.refuse_probabilities[gated], result.tokens_per_second, choice.name))
 
 
-def _engine(choice) -> dict:
+def finished_run(run: EvalRun, items: Sequence[EvalItem], label: str, *, evidences: Sequence | None = None,
+                 mode: str = "none", grounding: bool = False) -> EvalRun:
+    """`run`'s outputs as the product hands them out (`evidence.finish_answer`, with one `Evidence` or None per
+    item), scored again; each row keeps the decision that was held."""
+    evidences = evidences or [None] * len(items)
+    outputs = [finish_answer(row["output"], item.example.documents, evidence=evidence, mode=mode, grounding=grounding)
+               for row, item, evidence in zip(run.rows, items, evidences)]
+    decided = [None if row["decision"] is None else row["decision"] == "refuse" for row in run.rows]
+    return scored_run(items, outputs, label, decided, [row["refuse_probability"] for row in run.rows],
+                      run.tokens_per_second, run.engine)
+
+
+def select_evidence(model, tokenizer, run: EvalRun, items: Sequence[EvalItem], selector, progress: bool = True) -> list:
+    """The selector's evidence for each item `run` answered (None for the others): one reference forward pass
+    each, the adapter on."""
+    chosen = [i for i, row in enumerate(run.rows) if answered(row["output"])]
+    with tqdm(total=len(chosen), desc="reading the evidence", unit="prompt", disable=not progress) as bar:
+        found = selector.select(model, tokenizer, [items[i].prompt for i in chosen],
+                                [items[i].example.documents for i in chosen], progress=bar.update) if chosen else []
+    evidences = [None] * len(items)
+    for i, evidence in zip(chosen, found):
+        evidences[i] = evidence
+    return evidences
+
+
+def engine_arguments(choice) -> dict:
+    """`evaluate`'s engine arguments for an `EngineChoice` (none: the reference path)."""
     return {} if choice is None else {"engine": choice.engine, "engine_name": choice.name}
 
 
@@ -125,25 +148,22 @@ def write_predictions(path: str | Path, runs: Sequence[EvalRun]) -> Path:
     return path
 
 
-def comparison_json(base_run: EvalRun, adapter_run: EvalRun, gated_run: EvalRun | None = None) -> dict:
-    """{"base": {metric: value}, "adapter": {...}[, "adapter_gate": {...}]} with the names of `aggregate`."""
-    result = {"base": dict(base_run.rates), "adapter": dict(adapter_run.rates)}
-    if gated_run is not None:
-        result["adapter_gate"] = dict(gated_run.rates)
-    return result
+def run_key(label: str) -> str:
+    """A run's key in JSON and metrics names: 'adapter+gate' -> 'adapter_gate'."""
+    return label.replace("+", "_").replace(" ", "_")
 
 
-def comparison_table(base_rates: Mapping, adapter_rates: Mapping, gated_rates: Mapping | None = None) -> str:
-    """Plain-text table: metric, base, adapter, the difference (adapter - base) and, with a gate, the
-    adapter with its gate applied; None is n/a."""
-    metrics = list(dict.fromkeys([*base_rates, *adapter_rates, *(gated_rates or {})]))
-    header = ("metric", "base", "adapter", "difference") + (("adapter + gate",) if gated_rates is not None else ())
-    body = []
-    for metric in metrics:
-        base, adapter = base_rates.get(metric), adapter_rates.get(metric)
-        difference = adapter - base if base is not None and adapter is not None else None
-        gated = (_cell(gated_rates.get(metric)),) if gated_rates is not None else ()
-        body.append((metric, _cell(base), _cell(adapter), _cell(difference, signed=True), *gated))
+def comparison_json(runs: Sequence[EvalRun]) -> dict:
+    """{"base": {metric: value}, "lexical": {...}, "adapter": {...}, "adapter_gate": {...}}: the runs given,
+    keyed by `run_key`, with the names of `aggregate`."""
+    return {run_key(run.label): dict(run.rates) for run in runs}
+
+
+def comparison_table(columns: Mapping[str, Mapping]) -> str:
+    """Plain-text table: one row per metric, one column per run ({label: rates}, in order); None is n/a."""
+    metrics = list(dict.fromkeys(metric for rates in columns.values() for metric in rates))
+    header = ("metric", *columns)
+    body = [(metric, *(_cell(rates.get(metric)) for rates in columns.values())) for metric in metrics]
     widths = [max(len(row[column]) for row in [header, *body]) for column in range(len(header))]
     lines = [_table_line(header, widths), _table_line(tuple("-" * w for w in widths), widths)]
     lines += [_table_line(row, widths) for row in body]
@@ -161,29 +181,29 @@ def _table_line(cells: tuple[str, ...], widths: list[int]) -> str:
     return "  ".join([first.ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(rest, widths[1:]))])
 
 
-def plot_comparison(base_rates: Mapping, adapter_rates: Mapping, path: str | Path,
-                    gated_rates: Mapping | None = None) -> Path:
-    """Grouped bar chart of the rates, base vs adapter (and adapter + gate), values on the bars; PNG."""
+COLORS = {"base": "#9e9e9e", "lexical": "#ff7f0e", "adapter": "#1f77b4", "adapter+gate": "#2ca02c",
+          "adapter+evidence": "#9467bd", "adapter+gate+evidence": "#d62728"}
+
+
+def plot_comparison(columns: Mapping[str, Mapping], path: str | Path, title: str = "Behavioral metrics") -> Path:
+    """Grouped bar chart of the rates, one bar per run ({label: rates}, in order), values on the bars; PNG."""
     # The object-oriented Figure renders with Agg without touching pyplot's global backend.
     from matplotlib.figure import Figure
 
-    metrics = list(dict.fromkeys([*base_rates, *adapter_rates, *(gated_rates or {})]))
-    figure = Figure(figsize=(max(6.0, 2.2 * len(metrics)), 4.5), layout="constrained")
+    metrics = list(dict.fromkeys(metric for rates in columns.values() for metric in rates))
+    figure = Figure(figsize=(max(6.0, 1.6 * len(metrics) * max(1, len(columns)) / 2), 4.8), layout="constrained")
     axes = figure.add_subplot()
-    sides = [("base", base_rates, "#9e9e9e"), ("adapter", adapter_rates, "#1f77b4")]
-    if gated_rates is not None:
-        sides.append(("adapter + gate", gated_rates, "#2ca02c"))
-    width = 0.8 / len(sides)
-    for offset, (label, rates, color) in enumerate(sides):
+    width = 0.8 / max(1, len(columns))
+    for offset, (label, rates) in enumerate(columns.items()):
         values = [rates.get(metric) for metric in metrics]
-        positions = [i + (offset - (len(sides) - 1) / 2) * width for i in range(len(metrics))]
-        bars = axes.bar(positions, [v or 0.0 for v in values], width, label=label, color=color)
-        axes.bar_label(bars, labels=[_cell(v) for v in values], padding=2, fontsize=9)
-    axes.set_xticks(range(len(metrics)), [m.removesuffix("_rate").replace("_", "\n") for m in metrics])
-    axes.set_ylim(0.0, 1.1)
+        positions = [i + (offset - (len(columns) - 1) / 2) * width for i in range(len(metrics))]
+        bars = axes.bar(positions, [v or 0.0 for v in values], width, label=label, color=COLORS.get(label))
+        axes.bar_label(bars, labels=[_cell(v) for v in values], padding=2, fontsize=7, rotation=90)
+    axes.set_xticks(range(len(metrics)), [m.removesuffix("_rate").replace("_", "\n") for m in metrics], fontsize=8)
+    axes.set_ylim(0.0, 1.2)
     axes.set_yticks([0.0, 0.25, 0.5, 0.75, 1.0])
     axes.set_ylabel("rate")
-    axes.set_title("Behavioral metrics: base vs adapter" + (" (and its gate)" if gated_rates is not None else ""))
+    axes.set_title(f"{title}: {', '.join(columns)}")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from kwanzaa_adapter.evaluation.behavior import COMPARISON_PLOT
 from kwanzaa_adapter.evaluation.runs import plot_comparison
+from kwanzaa_adapter.generation.evidence import EVIDENCE_FILE
 from kwanzaa_adapter.generation.gate import GATE_FILE
 from kwanzaa_adapter.modeling.sources import file_sha256
 from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact
@@ -185,21 +186,28 @@ model writes the rest.
 Turn it off with `--set gate.apply=false` to compare with the generation's own decision."""
 
 
+# The model card's behavioral table: the baselines a user could pick instead, then the adapter.
+CARD_COLUMNS = {"base": "base (grammar)", "lexical": "lexical rules", "adapter": "adapter",
+                "adapter_gate": "adapter + gate", "adapter_evidence": "adapter + evidence",
+                "adapter_gate_evidence": "adapter + gate + evidence"}
+CARD_METRICS = ("answer_correctness_rate", "gold_citation_precision", "exact_answer_rate", "json_validity_rate",
+                "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate", "gold_citation_rate")
+
+
 def generate_adapter_readme(config, metadata: dict, with_comparison: bool) -> str:
     base = config.model.name_or_path
     m = metadata["final_metrics"]
     tags = "\n".join(f"  - {t}" for t in config.artifacts.tags)
     behavioral = m.get("behavioral") or {}
-    rows = ["| metric | base | adapter |", "| --- | --- | --- |"]
-    gated = behavioral.get("adapter_gate")
-    if gated:
-        rows = ["| metric | base | adapter | adapter + gate |", "| --- | --- | --- | --- |"]
-    for name in ("json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
-                 "gold_citation_rate"):
-        if name in behavioral.get("adapter", {}):
-            row = f"| {name} | {_fmt(behavioral['base'].get(name))} | {_fmt(behavioral['adapter'][name])} |"
-            rows.append(row + (f" {_fmt(gated.get(name))} |" if gated else ""))
-    rows += [f"| eval loss | | {_fmt(m['eval_loss'])} |", f"| perplexity | | {_fmt(m['perplexity'])} |"]
+    columns = [key for key in CARD_COLUMNS if key in behavioral]
+    rows = ["| metric | " + " | ".join(CARD_COLUMNS[key] for key in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in CARD_METRICS:
+        if columns and name in behavioral.get("adapter", {}):
+            rows.append(f"| {name} | " + " | ".join(_fmt(behavioral[key].get(name)) for key in columns) + " |")
+    if columns:
+        rows.insert(0, "Behavior on the eval split: the baselines a user could pick instead (the base model under "
+                       "the contract's grammar; the word-overlap rules), then the adapter.\n")
+    rows += ["", f"Eval loss {_fmt(m['eval_loss'])}, perplexity {_fmt(m['perplexity'])}."]
     q = config.quantization
     precision = metadata["precision"]["resolved"]
     top = config.adapter.top_layers
@@ -262,7 +270,7 @@ tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
 
 {chr(10).join(rows)}
 
-{f"![Base model versus adapter]({COMPARISON_PLOT})" if with_comparison else ""}
+{f"![The baselines and the adapter]({COMPARISON_PLOT})" if with_comparison else ""}
 
 ## Answerability gate
 
@@ -279,7 +287,7 @@ versions, hardware, dataset digests and timings.
 
 
 def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior=None,
-                          check=None, gate=None) -> Path:
+                          check=None, gate=None, selector=None) -> Path:
     """Write final_artifact/ atomically (temporary directory, then rename) and seal it.
 
     `check(staging)` runs on the sealed artifact before it is renamed into place: a run killed or
@@ -293,17 +301,20 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
     model.peft_config["default"].base_model_name_or_path = config.model.name_or_path
     model.save_pretrained(run.adapter_path, safe_serialization=True)
     metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral, gate)
+    if selector is not None:  # sealed and signed with the rest, like the gate
+        metadata["evidence"] = {"file": EVIDENCE_FILE, **selector.describe()}
     with atomic_directory(run.artifact_path) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         fault_point("artifact_write")
         verify_adapter_state_dict(load_file(staging / "adapter_model.safetensors"))
         if gate is not None:
             gate.gate.save(staging / GATE_FILE)
+        if selector is not None:
+            selector.save(staging / EVIDENCE_FILE)
         plot_training_curves(outcome.history, staging / CURVES_FILE, title=f"{config.run.name} v{run.version}")
         shutil.copyfile(staging / CURVES_FILE, run.path / CURVES_FILE)  # the run directory shows it too
         if behavior:
-            plot_comparison(behavior.base.rates, behavior.adapter.rates, staging / COMPARISON_PLOT,
-                            behavior.gated.rates if behavior.gated else None)
+            plot_comparison(behavior.columns(), staging / COMPARISON_PLOT)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
         (staging / "training_config.yaml").write_text(config.to_yaml())
         training_metrics = {"summary": outcome.summary, "final_eval": outcome.final_eval,
