@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_class  # noqa: E402
 from decision_scan import POSITIONS, scan  # noqa: E402
 
 from kwanzaa_adapter.backend.models import model_from_config  # noqa: E402
@@ -244,9 +245,6 @@ def main() -> None:
     print(json.dumps(summary, default=float))
 
 
-def cpu_class() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "AVX512-BF16" if "avx512_bf16" in flags or "amx_bf16" in flags else "AVX2 (no bf16 products)"
 
 
 def print_table(summary: dict, evaluated: list[str]) -> None:

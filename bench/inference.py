@@ -36,18 +36,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_class  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SECOND_SET = ROOT / "data" / "kwanzaa_heldout.jsonl"
 TARGETS = {"fast_tok_s": 60.0, "fast_vs_llamacpp": 0.5, "decision_agreement": 0.95, "rates_max_delta_records": 2}
 
 
-def cpu_class() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    native = "bf16 (AVX512-BF16/AMX)" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "AVX2"
-    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2" and native != "AVX2":
-        llama = "AVX2 build" if os.environ.get("LLAMA_CPP_LIB_PATH") else "native (AVX-512) build"
-        return f"AVX2 (bench/as_avx2.sh on a {native} CPU; llama.cpp {llama})"
-    return native
 
 
 def newest_demo_artifact() -> Path:

@@ -40,6 +40,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import cpu_class  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "serve-load-key"
 # ratio: batched over one-at-a-time tokens/s of the reference path (the target batching was built for);
@@ -78,9 +81,6 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-def cpu_class() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return "bf16 (AVX512-BF16/AMX)" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "AVX2"
 
 
 def questions(path: Path) -> list[tuple[str, list[dict]]]:

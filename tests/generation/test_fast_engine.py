@@ -190,7 +190,9 @@ def test_sampled_rows_of_one_prompt_each_decode_on_their_own_sequence(adapted, t
     for company in ([row(7)], [row(None)], [row(7, limit=1)], [row(7), row(None), row(5, other)]):
         together, beside = scores_of([row(1234, seen=(seen := [])), *company], seen)
         assert beside == tokens and len(together) == len(alone) == 12
-        assert max(float((a - b).abs().max()) for a, b in zip(alone, together, strict=True)) < 1e-4
+        # Batched products round differently from a row alone: up to 2.5e-4 with llama.cpp's AVX2 build
+        # (1e-4 held on the AVX-512 one); a row reading another's KV moves its scores by whole units.
+        assert max(float((a - b).abs().max()) for a, b in zip(alone, together, strict=True)) < 1e-3
 
 
 def test_prompts_that_begin_alike_prefill_the_beginning_once_and_decode_as_they_do_alone(adapted, tokenizer, merged_f16):

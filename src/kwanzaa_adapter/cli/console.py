@@ -28,7 +28,7 @@ def answer_records(model: CausalLMModel, items: Sequence[EvalItem], progress: bo
     """One JSON-ready line per record, in file order: {"id", "answer" | "error"}."""
     results = model.answer_prompts([item.prompt for item in items], progress=progress, constrained=constrained)
     for item, result in zip(items, results):
-        yield {"id": item.id, **result.to_json()}
+        yield {"id": item.id, **model.finish(result, item.example.question, item.example.documents).to_json()}
 
 
 def load_documents(path: str | Path) -> list[Document]:

@@ -70,8 +70,8 @@ def make_plan(config_path, overrides: tuple[str, ...] = (), output_dir: str | No
 
 
 def gate_prompt_lengths(config: KwanzaaConfig, tokenizer) -> tuple[int, ...]:
-    """Prompt tokens of every decision example the gate will read (none when it is not fitted)."""
-    if not config.gate.fit:
+    """Prompt tokens of every decision example the gate and the evidence selector read (none when neither is fitted)."""
+    if not (config.gate.fit or config.evidence.fit):
         return ()
     from kwanzaa_adapter.evaluation.eval_set import load_eval_items
 
@@ -142,8 +142,12 @@ def time_estimate(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
 
     fast = (config.inference.engine != "reference" and precision.device == "cpu"
             and importlib.util.find_spec("llama_cpp") is not None)
+    from kwanzaa_adapter.training.read_outs import evidence_depth
+
+    reads = evidence_depth(config, arch.num_hidden_layers) \
+        if config.evidence.fit and config.evidence.apply != "none" else None
     return estimate_time(config, arch, train, evaluation, peak, precision.resolved, checkpointing,
-                         gate_prompts=gate_prompts, gate_depth=depth, fast_engine=fast)
+                         gate_prompts=gate_prompts, gate_depth=depth, fast_engine=fast, evidence_depth=reads)
 
 
 def preference_plan(config: KwanzaaConfig) -> str:

@@ -10,6 +10,7 @@ from kwanzaa_adapter.config.sections import (
     ConfigError,
     DataConfig,
     EvaluationConfig,
+    EvidenceConfig,
     GateConfig,
     InferenceConfig,
     KwanzaaConfig,
@@ -23,7 +24,7 @@ from kwanzaa_adapter.config.sections import (
 
 __all__ = [
     "AdapterConfig", "ArchitectureConfig", "ArtifactConfig", "CheckpointConfig", "ConfigError", "DataConfig",
-    "EvaluationConfig", "GateConfig", "InferenceConfig", "KwanzaaConfig", "ModelConfig", "MonitoringConfig", "PreferenceConfig",
+    "EvaluationConfig", "EvidenceConfig", "GateConfig", "InferenceConfig", "KwanzaaConfig", "ModelConfig", "MonitoringConfig", "PreferenceConfig",
     "QuantizationConfig", "RunConfig", "TrainingConfig", "config_from_yaml_text", "load_training_config",
     "parse_override",
 ]

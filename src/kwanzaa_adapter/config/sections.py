@@ -228,6 +228,25 @@ class GateConfig(_Section):
         return self
 
 
+class EvidenceConfig(_Section):
+    """The evidence chosen on purpose and the grounding check, applied to the answers the adapter writes."""
+
+    fit: bool = Field(default=False, description="Fit the evidence selector after supervised training, on the "
+                                                 "gold answers of gate.decision_file's answerable examples, in "
+                                                 "the gate's pass.")
+    depth: int | Literal["auto"] = Field(
+        default="auto", description="The selector reads the attention of blocks 1..depth; auto: the gate's "
+                                    "deepest candidate block, where the shared pass stops.")
+    apply: Literal["none", "cite", "hold"] = Field(
+        default="none", description="With the artifact's selector: cite moves the answer's citations to the chosen "
+                                   "sentence's document; hold writes the chosen sentence as the answer text; none "
+                                   "leaves the model's answer.")
+    grounding_check: bool = Field(
+        default=False, description="After generation, drop answer sentences no document supports (to "
+                                   "unknowns.unsupported_claims) and move citations to the documents that support "
+                                   "their sentence.")
+
+
 class CheckpointConfig(_Section):
     save_steps: int = Field(gt=0, le=10**9, description="Optimizer steps between checkpoints.")
     save_total_limit: int = Field(default=3, gt=0, le=10**6, description="Checkpoints kept on disk.")
@@ -299,9 +318,21 @@ class KwanzaaConfig(_Section):
     evaluation: EvaluationConfig
     checkpointing: CheckpointConfig
     gate: GateConfig = Field(default_factory=GateConfig)
+    evidence: EvidenceConfig = Field(default_factory=EvidenceConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     artifacts: ArtifactConfig = Field(default_factory=ArtifactConfig)
     monitoring: MonitoringConfig = Field(default_factory=MonitoringConfig)
+
+    @field_validator("evidence")
+    @classmethod
+    def _evidence_reads_the_decision_examples(cls, value: EvidenceConfig, info: ValidationInfo) -> EvidenceConfig:
+        gate = info.data.get("gate")
+        if value.fit and gate is not None and not gate.decision_file:
+            raise ValueError("fit needs gate.decision_file: the selector learns from its answerable examples' gold "
+                             "answers, in the gate's pass")
+        if isinstance(value.depth, int) and value.depth < 1:
+            raise ValueError("depth must be >= 1 (or auto)")
+        return value
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -290,16 +290,17 @@ def generation_flops(arch: ArchitectureConfig, rows: tuple[tuple[int, int], ...]
 def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitCounts, evaluation: SplitCounts,
                   peak_flops: float, precision: str, checkpointing: bool, world_size: int = 1,
                   gate_prompts: tuple[int, ...] = (), gate_depth: int | None = None,
-                  fast_engine: bool = False) -> TimeEstimate:
+                  fast_engine: bool = False, evidence_depth: int | None = None) -> TimeEstimate:
     """Wall time of `train_adapter` by phase: FLOPs over the measured peak at UTILISATION.
 
     Training covers the configured epochs (or max_steps); each eval-loss pass covers the eval
     split; the gate's fitting is one forward pass over each decision prompt (`gate_prompts`, their
     token counts) up to its deepest candidate block (`gate_depth`); the behavioral evaluation generates for the eval split twice (base, then adapter),
     three times with a gate (and adapter + gate); on the fast engine (`fast_engine`) see
-    FAST_ENGINE_UTILISATION. The
-    base model is assumed to stop as soon as its output cannot be the contract (an untrained base
-    does at its first token); a base that already answers in JSON adds up to one more decode.
+    FAST_ENGINE_UTILISATION. The base model answers under the contract's grammar: it decodes to the
+    token limit (an untrained base seldom closes the object sooner). With an evidence selector that
+    blocks 1..`evidence_depth` read, the answered share of the prompts (all but `gate.refusal_prior`)
+    is read once more on the reference path.
     """
     t, e = config.training, config.evaluation
     est = TimeEstimate(peak_flops, precision)
@@ -329,18 +330,25 @@ def estimate_time(config: KwanzaaConfig, arch: ArchitectureConfig, train: SplitC
     if e.behavioral:
         rows = evaluation.rows[: e.max_examples] if e.max_examples else evaluation.rows
         prefill, decode, new_tokens = generation_flops(arch, rows, e.batch_size, e.max_new_tokens)
+        _, base_decode, _ = generation_flops(arch, tuple((t - s + e.max_new_tokens, e.max_new_tokens) for t, s in rows),
+                                             e.batch_size, e.max_new_tokens)
         passes = 3 if gate_prompts else 2
         if fast_engine:
             fast = FAST_ENGINE_UTILISATION
             computed = 1 - evaluation.copied / max(sum(t - s for t, s in rows), 1)
             est.phases["behavioral evaluation"] = (
                 DERIVE_SECONDS + DERIVE_SECONDS_PER_PARAMETER * arch.num_parameters  # the two GGUFs side by side
-                + (2 * computed * prefill / fast["prefill"] + decode / fast["decode"]) / peak_flops)
+                + (2 * computed * prefill / fast["prefill"] + (decode + base_decode) / fast["decode"]) / peak_flops)
             est.details["behavioral evaluation"] = (f"llama.cpp: 2 pre-fills x {len(rows)} prompts "
                                                     f"({computed:.0%} of their tokens computed), "
-                                                    f"~{new_tokens:,} new tokens")
+                                                    f"~{new_tokens:,} new tokens and the base's to the limit")
         else:
             est.phases["behavioral evaluation"] = (passes * prefill / share["prefill"]
-                                                   + (passes - 1) * decode / share["decode"]) / peak_flops
+                                                   + ((passes - 1) * decode + base_decode) / share["decode"]) / peak_flops
             est.details["behavioral evaluation"] = f"{passes} x {len(rows)} prompts, ~{new_tokens:,} new tokens"
+        if evidence_depth:
+            answered = 1 - config.gate.refusal_prior
+            reads = answered * evidence_depth / arch.num_hidden_layers * prefill / share["prefill"] / peak_flops
+            est.phases["behavioral evaluation"] += reads
+            est.details["behavioral evaluation"] += f"; evidence read on ~{answered:.0%} of them (blocks 1-{evidence_depth})"
     return est

@@ -2,7 +2,8 @@
 
 Every choice is made on training-side data only. The decision examples (`gate.decision_file`,
 derived from the training documents by data/build_dataset.py) are first cleared of any prompt an
-eval set holds. One forward pass per example taps the candidate blocks at the prompt's last token;
+eval set holds. One forward pass per example (`training.read_outs`) taps the candidate blocks at the
+prompt's last token;
 for every (block, C) a logistic regression is cross-fitted in folds grouped by question, so that
 no question's variants sit on both sides of a fold; the pair with the best cross-fitted AUC wins.
 The threshold is the one that makes the fewest errors on those cross-fitted probabilities, each
@@ -22,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.evaluation.eval_set import EvalItem, EvaluationDataError, eval_prompts, load_eval_items, user_turns
-from kwanzaa_adapter.generation.gate import AnswerabilityGate, prompt_features
+from kwanzaa_adapter.generation.gate import AnswerabilityGate
 
 log = logging.getLogger(__name__)
 GROUP_MARK = ".gate."
@@ -112,27 +112,19 @@ def classifier(c: float):
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000))
 
 
-def fit_gate(model, tokenizer, data: DecisionData, config: KwanzaaConfig, progress: bool = True) -> GateFit:
-    """Features, cross-fitted choice of block and C, threshold, refit: the shipped gate."""
+def fit_gate(features: dict[int, torch.Tensor], data: DecisionData, config: KwanzaaConfig, *, feature_seconds: float,
+             tokens: int) -> GateFit:
+    """From each candidate block's features of the decision examples: the cross-fitted choice of block and C, the
+    threshold, the refit: the shipped gate."""
     from sklearn.metrics import roc_auc_score
 
     started = time.perf_counter()
     g = config.gate
-    layers = candidate_layers(g.layers, model.config.num_hidden_layers)
-    prompts = [list(tokenizer.apply_chat_template(item.prompt, add_generation_prompt=True, tokenize=True)["input_ids"])
-               for item in data.items]
-    tokens = sum(len(p) for p in prompts)
-    was_training = model.training
-    model.eval()
-    with tqdm(total=len(prompts), desc="gate features", unit="prompt", disable=not progress) as bar:
-        features = prompt_features(model, tokenizer, prompts, layers, batch_size=g.batch_size, progress=bar.update)
-    model.train(was_training)
-    feature_seconds = time.perf_counter() - started
     refuse = np.array([item.example.expect_refusal for item in data.items])
     groups = [question_group(item.id) for item in data.items]
     folds = min(g.folds, len(set(groups)))
     candidates = []
-    for layer in layers:
+    for layer in sorted(features):
         for c in g.regularization:
             out_of_fold = cross_fit(features[layer].numpy(), refuse, groups, c, folds)
             candidates.append({"layer": layer, "C": c, "auc": round(float(roc_auc_score(refuse, out_of_fold)), 4),
@@ -152,7 +144,7 @@ def fit_gate(model, tokenizer, data: DecisionData, config: KwanzaaConfig, progre
         bias=torch.tensor(regression.intercept_, dtype=torch.float32),
         mean=torch.tensor(scaler.mean_, dtype=torch.float32),
         scale=torch.tensor(scaler.scale_, dtype=torch.float32), info=info)
-    seconds = time.perf_counter() - started
+    seconds = feature_seconds + time.perf_counter() - started
     log.info("answerability gate: block %d, C %g, calibration AUC %.3f, threshold %.3f, %d examples (%d refuse), "
              "%.0f s (%d prompt tokens)", gate.layer, best["C"], best["auc"], threshold, len(refuse), refuse.sum(),
              seconds, tokens)

@@ -41,9 +41,11 @@ from kwanzaa_adapter.tracking.monitoring import RunMonitor, check_backends
 from kwanzaa_adapter.training.checkpointing import RunIdentity
 from kwanzaa_adapter.training.distributed import Ranks, open_shared_run_directory, process_ranks
 from kwanzaa_adapter.training.faults import fault_point
-from kwanzaa_adapter.training.gate_fitting import GateFit, fit_gate, load_decision_data
+from kwanzaa_adapter.generation.evidence import EvidenceSelector
+from kwanzaa_adapter.training.gate_fitting import GateFit, load_decision_data
 from kwanzaa_adapter.training.preference import check_preference_data, run_preference
 from kwanzaa_adapter.training.publishing import save_adapter_artifact
+from kwanzaa_adapter.training.read_outs import fit_read_outs
 from kwanzaa_adapter.training.rundir import RunDirectory, RunDirectoryError
 from kwanzaa_adapter.training.trainer import TrainingOutcome, run_trainer
 
@@ -102,12 +104,13 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         baseline = save_baseline(bundle, run, resume, ranks)  # 3
         datasets = load_datasets(config, bundle, ranks)  # 4
         outcome = training_loop(config, bundle, datasets, run, baseline, resume, callbacks, monitor)  # 5
-        gate = fit_answerability_gate(config, bundle, ranks)  # 5, last: the decision of its own
-        behavior = evaluate_behavior(config, bundle, run, ranks, monitor, outcome, gate)  # 5b, covered by step 6 too
+        gate, selector = fit_decision_read_outs(config, bundle, ranks)  # 5, last: the decision and the evidence
+        behavior = evaluate_behavior(config, bundle, run, ranks, monitor, outcome, gate, selector)  # 5b, and step 6
         verify_weights(bundle, run, ranks)  # 6, on every process
         if not ranks.is_main:
             return TrainResult(run.path, None, run.version, outcome.summary)
-        artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate)  # 7
+        artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate,
+                                   selector)  # 7
         validate_artifact(artifact, config.artifacts.signing)  # 8
         published = monitor.publish(artifact)  # MLflow run and model registry, once the artifact is valid
     return TrainResult(run.path, artifact, run.version, outcome.summary, behavior, gate, published)
@@ -123,7 +126,7 @@ def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
     check_backends(config)  # a missing MLflow / W&B package or login fails here, not mid-run
     if config.training.preference.enabled:  # the mining and near-miss files, read as the stage will
         check_preference_data(config)
-    if config.gate.fit:  # the decision examples, eval prompts left out, as the gate will read them
+    if config.gate.fit or config.evidence.fit:  # the decision examples, eval prompts left out, as step 5 reads them
         load_decision_data(config)
     if config.artifacts.signing:  # an unreadable or wrong key fails here, not after training
         signing.private_key_fingerprint(config.artifacts.signing)
@@ -215,16 +218,18 @@ def training_loop(config, bundle: ModelBundle, datasets: Datasets, run: RunDirec
     return outcome
 
 
-def fit_answerability_gate(config: KwanzaaConfig, bundle: ModelBundle, ranks: Ranks) -> GateFit | None:
-    """Step 5, after supervised training: the answerability gate, fitted on the decision examples
-    (training-side only) over the adapted model's hidden states; main process only."""
-    if not config.gate.fit or not ranks.is_main:
-        return None
-    return fit_gate(bundle.model, bundle.tokenizer, load_decision_data(config), config)
+def fit_decision_read_outs(config: KwanzaaConfig, bundle: ModelBundle,
+                           ranks: Ranks) -> tuple[GateFit | None, EvidenceSelector | None]:
+    """Step 5, after supervised training: the answerability gate and the evidence selector, read-outs of the
+    adapted model fitted on one pass over the decision examples (training-side only); main process only."""
+    if not ranks.is_main:
+        return None, None
+    return fit_read_outs(bundle.model, bundle.tokenizer, config)
 
 
 def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirectory, ranks: Ranks,
-                      monitor: RunMonitor, outcome: TrainingOutcome, gate: GateFit | None = None) -> BehaviorReport | None:
+                      monitor: RunMonitor, outcome: TrainingOutcome, gate: GateFit | None = None,
+                      selector: EvidenceSelector | None = None) -> BehaviorReport | None:
     """Step 5b: the contract metrics of base and adapter on the eval split (SPEC section 6), and of the
     adapter with its gate beside it; main process only."""
     if not config.evaluation.behavioral or not ranks.is_main:
@@ -235,7 +240,7 @@ def evaluate_behavior(config: KwanzaaConfig, bundle: ModelBundle, run: RunDirect
         verify_weights(bundle, run)
         base_digest = load_base_model_checksums(run.baseline_path)["model_digest"]
     report = measure_behavior(config, bundle.model, bundle.tokenizer, gate=gate.gate if gate else None,
-                              base_digest=base_digest)
+                              base_digest=base_digest, selector=selector)
     report.write(run.path / PREDICTIONS_FILE)
     monitor.record_behavior(report, outcome.summary.get("steps", 0))
     return report
@@ -251,11 +256,13 @@ def verify_weights(bundle: ModelBundle, run: RunDirectory, ranks: Ranks = Ranks(
                                              for rank, text in failures))
 
 
-def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate=None) -> Path:
+def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate=None,
+                    selector=None) -> Path:
     """Step 7: final_artifact/ written to a temporary directory, signed where configured, verified
     there, and renamed into place."""
     return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior,
-                                 check=lambda staging: validate_artifact(staging, config.artifacts.signing), gate=gate)
+                                 check=lambda staging: validate_artifact(staging, config.artifacts.signing), gate=gate,
+                                 selector=selector)
 
 
 def validate_artifact(artifact: Path, signing_key: Path | None = None) -> None:

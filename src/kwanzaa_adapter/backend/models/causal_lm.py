@@ -8,7 +8,6 @@ one in the artifact's metadata. Prompts come from `render_record`, the renderer 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,26 +25,25 @@ from kwanzaa_adapter.generation.engines import EngineChoice, choose_engine
 from kwanzaa_adapter.generation.gate import AnswerabilityGate, GateLogits, decision_label, gate_tap, load_gate
 from kwanzaa_adapter.generation.grammar import SchemaGrammar
 from kwanzaa_adapter.generation.llamacpp import Row
+from kwanzaa_adapter.backend.models.verified import (  # noqa: F401 (re-exported: the backend's adapter checks)
+    AdapterInfo,
+    BaseModelMismatchError,
+    VerifiedArtifact,
+    base_digest_as_trained,
+    check_base_digest,
+    load_base_as_trained,
+    verify_adapter_artifact,
+)
+from kwanzaa_adapter.generation.evidence import EvidenceSelector, answered, finish_answer, load_evidence_selector
 from kwanzaa_adapter.modeling.loading import (
-    AdapterVerificationError,
     ModelReferenceError,
-    load_base_model,
     load_verified_adapter,
-    prepare_quantized_base,
     resolve_device,
     run_precision,
     set_compute_precision,
 )
-from kwanzaa_adapter.modeling.precision import PRECISIONS
-from kwanzaa_adapter.safety.artifacts import ArtifactError, verify_artifact
-from kwanzaa_adapter.safety.checksums import compute_model_state_checksum
-from kwanzaa_adapter.safety.signing import require_trusted_signature
 
 log = logging.getLogger(__name__)
-
-
-class BaseModelMismatchError(AdapterVerificationError):
-    """The loaded base model is not the one the adapter was trained on (exit 1)."""
 
 
 class ModelFamilyError(ModelReferenceError):
@@ -54,99 +52,6 @@ class ModelFamilyError(ModelReferenceError):
 
 class PromptTooLongError(ValueError):
     """Prompt plus generation limit exceed the model's context window."""
-
-
-# --------------------------------------------------------------------------- adapter checks
-
-
-@dataclass(frozen=True)
-class VerifiedArtifact:
-    """An artifact that passed `verify`, with its metadata (read only after that)."""
-
-    path: Path
-    metadata: dict
-    report: str
-    trusted_keys: tuple = ()  # the keys its signature was checked against; checked again at load
-
-    @property
-    def trained_base_digest(self) -> str:
-        return self.metadata["base_model"]["model_digest"]
-
-    @property
-    def trained_precision(self) -> str | None:
-        """The dtype the base model was loaded in for training (artifacts before model.precision: None)."""
-        recorded = self.metadata.get("precision")
-        resolved = recorded.get("resolved") if isinstance(recorded, dict) else None
-        return resolved if resolved in PRECISIONS else None
-
-
-def verify_adapter_artifact(artifact: str | Path, trusted_keys: Sequence[str | Path] = ()) -> VerifiedArtifact:
-    """Verify the signature (with trusted keys; SignatureError) and the checksums (AdapterVerificationError
-    with the diff), then read the metadata."""
-    artifact = Path(artifact)
-    require_trusted_signature(artifact, trusted_keys)
-    report = verify_artifact(artifact)
-    if not report.ok:
-        raise AdapterVerificationError(f"refusing to load the adapter in {artifact}:\n{report.format()}")
-    metadata = json.loads((artifact / "metadata.json").read_text(encoding="utf-8"))
-    digest = metadata.get("base_model", {}).get("model_digest") if isinstance(metadata, dict) else None
-    if not isinstance(digest, str):
-        raise ArtifactError(f"{artifact / 'metadata.json'}: base_model.model_digest is missing; "
-                            "the artifact was not made by `kwanzaa-adapter train`")
-    return VerifiedArtifact(artifact, metadata, report.format(), tuple(trusted_keys))
-
-
-def base_digest_as_trained(model, config: KwanzaaConfig) -> str:
-    """The base model's digest as training recorded it in the artifact (`base_model.model_digest`).
-
-    Training takes its baseline after k-bit preparation, which may cast the unquantized fp16/bf16
-    parameters (norms, embeddings) to fp32; the same preparation is applied here, and it also gives
-    the adapter the numerics it was trained with.
-    """
-    if config.quantization.load_in_4bit:
-        prepare_quantized_base(model, config, gradient_checkpointing=False)
-    return compute_model_state_checksum(model)["model_digest"]
-
-
-def load_base_as_trained(config: KwanzaaConfig, device: str, precision: str):
-    """(model, tokenizer, source, digest): the base model loaded in `precision`, prepared and digested as
-    training did."""
-    model, tokenizer, source = load_base_model(config, device, precision)
-    return model, tokenizer, source, base_digest_as_trained(model, config)
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What was loaded and what was checked, for /healthz and logs."""
-
-    path: str
-    version: str | None
-    run_name: str | None
-    verification: str
-    trained_base_digest: str
-    base_digest_matches: bool
-
-    def as_json(self) -> dict:
-        return {"path": self.path, "version": self.version, "run_name": self.run_name, "verified": True,
-                "verification": self.verification, "trained_base_digest": self.trained_base_digest,
-                "base_digest_matches": self.base_digest_matches}
-
-
-def check_base_digest(artifact: VerifiedArtifact, loaded_digest: str, allow_mismatch: bool) -> AdapterInfo:
-    """Refuse an adapter trained on another base model unless `allow_mismatch`."""
-    expected, metadata = artifact.trained_base_digest, artifact.metadata
-    if expected != loaded_digest and not allow_mismatch:
-        reference = metadata["base_model"].get("reference", "?")
-        raise BaseModelMismatchError(
-            f"the adapter in {artifact.path} was trained on base model '{reference}' with digest {expected}, "
-            f"but the loaded base model has digest {loaded_digest}: point model.name_or_path at the "
-            "training base model (see the artifact's training_config.yaml), or pass --allow-base-mismatch "
-            "to load it anyway"
-        )
-    return AdapterInfo(
-        path=str(artifact.path), version=metadata.get("artifact_version"), run_name=metadata.get("run_name"),
-        verification=artifact.report, trained_base_digest=expected, base_digest_matches=expected == loaded_digest,
-    )
 
 
 # --------------------------------------------------------------------------- results
@@ -303,6 +208,8 @@ class CausalLMModel:
             model = load_verified_adapter(model, adapter, trusted)
         # The gate comes from the verified artifact; gate.apply false leaves the decision to the generation.
         self.gate: AnswerabilityGate | None = load_gate(adapter) if adapter is not None and config.gate.apply else None
+        # The evidence selector too (evidence.apply none leaves the model's citations and text).
+        self.selector: EvidenceSelector | None = load_evidence_selector(adapter) if adapter is not None else None
         if loaded_as != self.precision.resolved:
             set_compute_precision(model, self.precision.dtype)
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)
@@ -343,6 +250,8 @@ class CausalLMModel:
                 "quantization": f"4-bit {quantization.quant_type}" if quantization.load_in_4bit else "none",
                 "adapter": self.adapter.as_json() if self.adapter else None,
                 "gate": self.gate.describe() if self.gate is not None else None,
+                "evidence": {"selector": self.selector.describe() if self.selector else None,
+                             **self.config.evidence.model_dump(exclude={"fit"})},
                 "engine": self.engine.describe()}
 
     # --- answers
@@ -355,7 +264,23 @@ class CausalLMModel:
     def answer(self, question: str, documents: Sequence[Document], max_new_tokens: int | None = None) -> AnswerResult:
         prompt = self.prompt_for(question, documents)
         self.encode(prompt, max_new_tokens or self.config.evaluation.max_new_tokens)  # fits the context window
-        return self.answer_prompts([prompt], max_new_tokens)[0]
+        return self.finish(self.answer_prompts([prompt], max_new_tokens)[0], question, documents)
+
+    def finish(self, result: AnswerResult, question: str, documents: Sequence[Document]) -> AnswerResult:
+        """The answer as the product hands it out: the artifact's evidence applied and the grounding checked, as
+        `evidence` configures (`generation.evidence.finish_answer`); the raw output is kept."""
+        settings = self.config.evidence
+        evidence = None
+        if self.selector is not None and settings.apply != "none" and answered(result.raw_output):
+            with self.lock:  # one reference forward pass reads the question's attention
+                evidence = self.selector.select(self.model, self.tokenizer, [self.prompt_for(question, documents)],
+                                                [documents])[0]
+        finished = finish_answer(result.raw_output, documents, evidence=evidence, mode=settings.apply,
+                                 grounding=settings.grounding_check)
+        if finished == result.raw_output:
+            return result
+        parsed = parse_answer(finished)
+        return AnswerResult(result.raw_output, parsed.answer, parsed.error, result.gate)
 
     def encode(self, messages: Sequence[dict], max_new_tokens: int) -> list[int]:
         """Chat-templated prompt ids; PromptTooLongError when they and the answer would not fit."""

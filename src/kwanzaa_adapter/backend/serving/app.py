@@ -70,7 +70,8 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
                           gated=model.gate is not None)
         text = await pending.text(request)
         metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
-        return {"model": model.name, **AnswerResult.from_output(text, pending.ticket.gate).to_json()}
+        result = model.finish(AnswerResult.from_output(text, pending.ticket.gate), body.question, body.documents)
+        return {"model": model.name, **result.to_json()}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
