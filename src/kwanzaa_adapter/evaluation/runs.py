@@ -191,7 +191,7 @@ def plot_comparison(columns: Mapping[str, Mapping], path: str | Path, title: str
     from matplotlib.figure import Figure
 
     metrics = list(dict.fromkeys(metric for rates in columns.values() for metric in rates))
-    figure = Figure(figsize=(max(6.0, 1.6 * len(metrics) * max(1, len(columns)) / 2), 4.8), layout="constrained")
+    figure = Figure(figsize=(max(6.0, 0.35 * len(metrics) * max(1, len(columns)) + 2.5), 4.8), layout="constrained")
     axes = figure.add_subplot()
     width = 0.8 / max(1, len(columns))
     for offset, (label, rates) in enumerate(columns.items()):
