@@ -195,7 +195,7 @@ def test_evaluate_scores_every_item_and_predictions_have_one_line_per_example_an
     # Random weights never emit a valid answer: every rate follows from invalid outputs.
     assert run.rates == {"json_validity_rate": 0.0, "citation_rate": 0.0,
                          "refusal_correctness_rate": 0.0, "retrieval_groundedness_rate": None,
-                         "answer_correctness_rate": None, "gold_citation_precision": None, "exact_answer_rate": None}
+                         "gold_citation_rate": None, "answer_correctness_rate": None, "gold_citation_precision": None, "exact_answer_rate": None}
     other = EvalRun("adapter", run.rates, [{**row, "model": "adapter"} for row in run.rows], 1.0)
     path = write_predictions(tmp_path / "out" / "eval_predictions.jsonl", [run, other])
     lines = [json.loads(line) for line in path.read_text().splitlines()]

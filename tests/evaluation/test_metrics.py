@@ -300,6 +300,7 @@ def test_aggregate_of_verdicts_equals_the_compute_functions():
         "citation_rate": compute_citation_rate(examples, outputs),
         "refusal_correctness_rate": compute_refusal_correctness_rate(examples, outputs),
         "retrieval_groundedness_rate": compute_retrieval_groundedness_rate(examples, outputs),
+        "gold_citation_rate": None,  # the examples name no gold document
         "answer_correctness_rate": compute_answer_correctness_rate(examples, outputs),
         "gold_citation_precision": compute_gold_citation_precision(examples, outputs),
         "exact_answer_rate": compute_exact_answer_rate(examples, outputs),
@@ -309,6 +310,7 @@ def test_aggregate_of_verdicts_equals_the_compute_functions():
         "citation_rate": 1 / 3,
         "refusal_correctness_rate": 3 / 5,
         "retrieval_groundedness_rate": (1.0 + 0.0 + 1.0) / 3,
+        "gold_citation_rate": None,
         "answer_correctness_rate": None,  # the examples carry no answer key
         "gold_citation_precision": None,
         "exact_answer_rate": None,
@@ -318,7 +320,7 @@ def test_aggregate_of_verdicts_equals_the_compute_functions():
 def test_aggregate_of_nothing_is_all_none():
     assert aggregate([]) == dict.fromkeys(
         ["json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
-         "answer_correctness_rate", "gold_citation_precision", "exact_answer_rate"]
+         "gold_citation_rate", "answer_correctness_rate", "gold_citation_precision", "exact_answer_rate"]
     )
 
 

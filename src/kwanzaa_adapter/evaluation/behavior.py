@@ -122,24 +122,30 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
             if gated:
                 gated_run = evaluate(model, tokenizer, items, label="adapter+gate", gate=gate, grammar=grammar,
                                      **options, **engine_arguments(fast))
-    finished = None
-    settings = config.evidence
-    if with_adapter and (settings.grounding_check or (selector is not None and settings.apply != "none")):
-        product = gated_run or adapter
-        evidences = select_evidence(model, tokenizer, product, items, selector) \
-            if selector is not None and settings.apply != "none" else None
-        finished = finished_run(product, items, f"{product.label}+evidence", evidences=evidences, mode=settings.apply,
-                                grounding=settings.grounding_check)
-    if with_adapter and selector is None and settings.apply != "none":
-        log.warning("evidence.apply is %s but there is no evidence selector (no artifact's, none fitted): the "
-                    "answers are left as generated", config.evidence.apply)
-    report = BehaviorReport(base, adapter, time.perf_counter() - started, gated_run,
-                            gate.describe() if gate is not None else None,
-                            {label: choice.describe() for label, choice in engines.items()}, lexical,
-                            {"base": "the base model under the contract's grammar",
-                             LEXICAL: lexical_rules.describe()}, finished)
+    finished = finish_answers(config, model, tokenizer, items, gated_run or adapter, selector) if with_adapter else None
+    report = BehaviorReport(base=base, adapter=adapter, seconds=time.perf_counter() - started, gated=gated_run,
+                            gate=gate.describe() if gate is not None else None,
+                            engine={label: choice.describe() for label, choice in engines.items()}, lexical=lexical,
+                            baselines={"base": "the base model under the contract's grammar",
+                                       LEXICAL: lexical_rules.describe()}, finished=finished)
     log.info("behavioral metrics:\n%s", report.table())
     return report
+
+
+def finish_answers(config: KwanzaaConfig, model, tokenizer, items, answers: EvalRun,
+                   selector: EvidenceSelector | None) -> EvalRun | None:
+    """`answers` as the product hands them out (`evidence.apply` with the `selector`, `evidence.grounding_check`),
+    scored as a run of their own; None when neither acts."""
+    settings = config.evidence
+    reads = selector is not None and settings.apply != "none"
+    if settings.apply != "none" and selector is None:
+        log.warning("evidence.apply is %s but there is no evidence selector (no artifact's, none fitted): the "
+                    "answers are left as generated", settings.apply)
+    if not (reads or settings.grounding_check):
+        return None
+    evidences = select_evidence(model, tokenizer, answers, items, selector) if reads else None
+    return finished_run(answers, items, f"{answers.label}+evidence", evidences=evidences, mode=settings.apply,
+                        grounding=settings.grounding_check)
 
 
 def save_eval_output(report: BehaviorReport, output: Path) -> Path:

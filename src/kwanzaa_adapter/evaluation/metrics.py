@@ -297,9 +297,8 @@ def aggregate(verdicts: Sequence[Mapping]) -> dict:
         "citation_rate": _mean(citation),
         "refusal_correctness_rate": _mean([v["refusal_correct"] for v in verdicts]),
         "retrieval_groundedness_rate": _mean(groundedness),
+        "gold_citation_rate": _mean(gold),
     }
-    if gold:
-        rates["gold_citation_rate"] = _mean(gold)
     graded = [v for v in verdicts if v.get("correct") is not None]
     cited_gold = sum(v["cited_gold"] for v in graded if v["cited_gold"] is not None)
     cited = cited_gold + sum(v["cited_other"] for v in graded if v["cited_other"] is not None)
