@@ -83,3 +83,29 @@ def test_chat_streams_under_the_gate_and_reports_its_decision(gated_artifact):
     ungated = model.stream_chat(model.prompt_for("When is Kwanzaa?", []), max_new_tokens=4, gated=False)
     "".join(ungated)
     assert ungated.gate_result is None
+
+
+@pytest.mark.parametrize("attack", ["swapped", "removed"])
+def test_a_gate_swapped_while_the_adapter_loads_is_refused(gated_artifact, tmp_path, monkeypatch, attack):
+    """The gate is read after the base model and the adapter load (minutes for a 7B): a gate swapped then, or
+    removed, must not decide; the bytes used are the bytes verified, read once."""
+    from peft import PeftModel
+
+    from kwanzaa_adapter.safety.artifacts import SealedFileChangedError
+
+    config, artifact = gated_artifact
+    copy = tmp_path / "final_artifact"
+    shutil.copytree(artifact, copy)
+    load_adapter = PeftModel.from_pretrained.__func__
+
+    def swap_then_load(cls, *args, **kwargs):
+        if attack == "removed":
+            (copy / GATE_FILE).unlink()
+        else:  # a gate that answers everything
+            AnswerabilityGate(1, 2.0, torch.zeros(64), torch.zeros(1), torch.zeros(64), torch.ones(64),
+                              {"calibration_auc": 0.5}).save(copy / GATE_FILE)
+        return load_adapter(cls, *args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", classmethod(swap_then_load))
+    with pytest.raises(SealedFileChangedError, match=GATE_FILE):
+        model_from_config(load_training_config(config), adapter=copy)

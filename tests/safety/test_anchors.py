@@ -114,3 +114,27 @@ def test_the_reliability_benchs_anchor_cases_are_each_refused_for_their_reason(t
         if code != case.expected_exit or "Traceback" in out + err or not case.gives_reason(err):
             failures.append(f"{case.name}: exit {code}, {(err or out)[-300:]!r}")
     assert failures == []
+
+
+@pytest.mark.parametrize("padding", ["before", "after"])
+def test_a_copy_padded_past_any_size_is_still_found(run, tmp_path, capsys, padding):
+    """A copy of the key left in the run directory behind (or before) a megabyte of padding is the same key."""
+    artifact = run / "final_artifact"
+    forged_key = forge(artifact, tmp_path / "attacker")
+    pad = b"# " + b"x" * (3 << 19) + b"\n"
+    key = forged_key.read_bytes()
+    (run / "notes.txt").write_bytes(pad + key if padding == "before" else key + pad)
+    capsys.readouterr()
+    assert cli.main(["verify", str(artifact), "--public-key", str(forged_key)]) == 2
+    err = capsys.readouterr().err
+    assert "it is the same key as" in err and "notes.txt" in err
+
+
+def test_a_run_directory_too_large_to_search_refuses_every_key(run, publisher, capsys, monkeypatch):
+    monkeypatch.setattr(anchors, "MAX_SCANNED_FILES", 20)
+    for index in range(21):
+        (run / f"padding-{index}.txt").write_text("nothing\n")
+    capsys.readouterr()
+    assert cli.main(["verify", str(run / "final_artifact"), "--public-key", f"{publisher}.pub"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be completed" in err and "Traceback" not in err

@@ -6,8 +6,8 @@ de-quantized base + LoRA delta (`modeling.derived.write_merged`) converted by ll
 `convert_hf_to_gguf.py`. llama.cpp then loads the file it wrote, and its logits on the sample
 prompts are compared with the model as trained (4-bit base + adapter, computing in float32):
 the largest |difference| must stay within a share of the largest |logit| that depends on the
-weight type (`GGUF_TOLERANCE`), and the greedy token must agree at nearly every position
-(`GGUF_MIN_AGREEMENT`). The directory
+weight type, and the greedy token must agree at nearly every position (`generation.logit_check`, the
+check the fast engine runs on a derived model before it answers). The directory
 holds `model.gguf`, the check, a provenance record and a card, sealed with `checksums.json` and
 written atomically: a failed check leaves nothing behind.
 
@@ -18,10 +18,7 @@ without it. The card says so and records the adapter's rates without its gate.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from kwanzaa_adapter.backend.export import (
     load_as_trained,
@@ -33,6 +30,7 @@ from kwanzaa_adapter.backend.export import (
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.generation.gate import GATE_FILE
 from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
+from kwanzaa_adapter.generation.logit_check import GGUF_TOLERANCE, GgufCheck, compare_gguf_logits
 from kwanzaa_adapter.modeling.derived import (
     GGUF_FILE,
     convert_to_gguf,
@@ -46,15 +44,6 @@ from kwanzaa_adapter.safety.artifacts import (
     verify_artifact,
 )
 
-# Max |logit difference| from the model as trained, as a share of its largest |logit|, and the least
-# share of positions with the same greedy token, per weight type. Measured on the demo adapter
-# (SmolLM2-135M, 519 positions of the sample prompts, bench/inference.py, bf16-class CPU): f16 1.4% and
-# 0.992, bf16 2.1% and 0.992, Q8_0 6.3% and 0.936 (f16 and bf16 round each weight once; Q8_0 stores
-# blocks of 32 weights as 8-bit integers with one scale; llama.cpp keeps its KV cache in f16). The
-# limits leave room above those and still fail a wrong merge: one q_proj's LoRA B zeroed (of 70) moved
-# the logits by 12% of the largest, the adapter left out by 76%.
-GGUF_TOLERANCE = {"f16": 0.03, "bf16": 0.04, "q8_0": 0.10}
-GGUF_MIN_AGREEMENT = {"f16": 0.98, "bf16": 0.98, "q8_0": 0.90}
 GGUF_CHECK_FILE = "gguf_logit_check.json"
 GGUF_RECORD = "kwanzaa_gguf_export.json"
 GGUF_CARD = "README.md"
@@ -63,47 +52,6 @@ GGUF_REQUIRED = (GGUF_FILE, "checksums.json", GGUF_CHECK_FILE, GGUF_RECORD, GGUF
 
 class GgufCheckError(Exception):
     """llama.cpp's logits on the exported GGUF differ from the model as trained beyond tolerance (exit 1)."""
-
-
-@dataclass(frozen=True)
-class GgufCheck:
-    quant: str
-    positions: int
-    max_abs_logit: float
-    max_abs_diff: float
-    tolerance: float
-    top1_agreement: float
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.top1_agreement >= GGUF_MIN_AGREEMENT[self.quant]
-
-    def as_json(self) -> dict:
-        return {"quant": self.quant, "positions": self.positions, "max_abs_logit": self.max_abs_logit,
-                "max_abs_diff": self.max_abs_diff, "tolerance": self.tolerance,
-                "tolerance_rule": f"{GGUF_TOLERANCE[self.quant]} x the largest |logit| (model as trained)",
-                "top1_agreement": self.top1_agreement, "min_top1_agreement": GGUF_MIN_AGREEMENT[self.quant],
-                "passed": self.passed}
-
-    def summary(self) -> str:
-        return (f"llama.cpp ({self.quant}) vs the model as trained over {self.positions} positions: max |diff| "
-                f"{self.max_abs_diff:.3e}, tolerance {self.tolerance:.3e} ({GGUF_TOLERANCE[self.quant]} x the largest "
-                f"|logit| {self.max_abs_logit:.2f}); greedy token agreement {self.top1_agreement:.3f} (at least "
-                f"{GGUF_MIN_AGREEMENT[self.quant]}): "
-                f"{'passed' if self.passed else 'FAILED'}")
-
-
-def compare_gguf_logits(fast: list[torch.Tensor], reference: list[torch.Tensor], quant: str) -> GgufCheck:
-    """llama.cpp's logits (positions x vocab, per prompt) against the reference's (1 x positions x vocab)."""
-    largest = max(float(r.abs().max()) for r in reference)
-    diff, agree, positions = 0.0, 0, 0
-    for f, r in zip(fast, reference):
-        r = r[0]
-        f = f[:, : r.shape[-1]]
-        diff = max(diff, float((f - r).abs().max()))
-        agree += int((f.argmax(-1) == r.argmax(-1)).sum())
-        positions += r.shape[0]
-    return GgufCheck(quant, positions, largest, diff, GGUF_TOLERANCE[quant] * largest, agree / positions)
 
 
 def export_gguf(adapter: str | Path, out: str | Path, config: KwanzaaConfig | None = None, *, quant: str = "q8_0",

@@ -31,8 +31,9 @@ def verification_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.backend.export import MergeCheckError
     from kwanzaa_adapter.backend.gguf_export import GgufCheckError
     from kwanzaa_adapter.modeling.loading import AdapterVerificationError
+    from kwanzaa_adapter.safety.artifacts import SealedFileChangedError
     from kwanzaa_adapter.safety.signing import SignatureError
     from kwanzaa_adapter.training.workflow import ArtifactInvalidError, WeightsChangedError
 
     return (WeightsChangedError, ArtifactInvalidError, AdapterVerificationError, MergeCheckError, GgufCheckError,
-            SignatureError)
+            SignatureError, SealedFileChangedError)

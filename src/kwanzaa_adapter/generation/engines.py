@@ -5,18 +5,22 @@ uses it, and `auto` uses it where it is built and converts the model, and otherw
 log and runs the reference. The fast model derives from the very model object the reference path
 runs, after its caller checked it: the backend verifies the artifact (checksums, signature with
 trusted keys, base digest) before it loads anything; training derives from the model it has just
-trained, whose base it checks against the baseline.
+trained, whose base it checks against the baseline. Before a derived model answers for the first time in
+a process, its logits on two probe prompts must match that model's (`logit_check`): a cached file that
+was swapped or went stale is rebuilt under `auto` and refused under `llama.cpp`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kwanzaa_adapter.config import KwanzaaConfig
 from kwanzaa_adapter.generation.llamacpp import LlamaCppEngine
 from kwanzaa_adapter.generation.llamacpp_api import EngineUnavailable
+from kwanzaa_adapter.generation.logit_check import check_engine
 from kwanzaa_adapter.modeling.derived import DerivationError, derived_gguf
 from kwanzaa_adapter.modeling.precision import machine_identity
 
@@ -67,9 +71,9 @@ def choose_engine(config: KwanzaaConfig, model, tokenizer, *, base_digest: str |
             raise DerivationError("no checked base digest to derive from")
         if isinstance(derived, Exception):
             raise derived
-        path, record = derived or derived_gguf(model, tokenizer, base_digest=base_digest, with_adapter=with_adapter,
-                                               quant=quant, cache_dir=settings.cache_dir)
-        engine = LlamaCppEngine(path, threads=settings.threads, gate_layer=gate_layer)
+        options = dict(base_digest=base_digest, with_adapter=with_adapter, quant=quant, cache_dir=settings.cache_dir)
+        path, record = derived or derived_gguf(model, tokenizer, **options)
+        engine, record = _checked_engine(config, model, tokenizer, path, record, options, gate_layer)
     except (EngineUnavailable, DerivationError) as exc:
         if settings.engine != "auto":
             raise
@@ -78,6 +82,33 @@ def choose_engine(config: KwanzaaConfig, model, tokenizer, *, base_digest: str |
     name = f"{engine.name} ({quant})"
     log.info("generating with %s on %s", name, path)
     return EngineChoice(engine, name, record=record)
+
+
+def _checked_engine(config: KwanzaaConfig, model, tokenizer, path, record: dict, options: dict,
+                    gate_layer: int | None) -> tuple[LlamaCppEngine, dict]:
+    """The derived model loaded and proven to be `model` by its logits (`logit_check`), with the check in its
+    record; one that is not is rebuilt once (a warning says why) under `auto`, and is an error otherwise."""
+    settings = config.inference
+
+    def load(path) -> tuple[LlamaCppEngine, dict, str | None]:
+        started = time.perf_counter()
+        engine = LlamaCppEngine(path, threads=settings.threads, gate_layer=gate_layer)
+        loaded = time.perf_counter()
+        check = check_engine(engine, model, tokenizer, with_adapter=options["with_adapter"], quant=options["quant"])
+        if not check.passed:
+            engine.close()
+        outcome = {**check.as_json(), "seconds": round(time.perf_counter() - loaded, 3),
+                   "load_seconds": round(loaded - started, 3)}
+        return engine, outcome, None if check.passed else f"{path} is not the verified model: {check.summary()}"
+
+    engine, outcome, problem = load(path)
+    if problem is not None and settings.engine == "auto":
+        log.warning("fast engine: %s; rebuilding it", problem)
+        path, record = derived_gguf(model, tokenizer, rebuild=problem, **options)
+        engine, outcome, problem = load(path)
+    if problem is not None:
+        raise DerivationError(problem)
+    return engine, {**record, "logit_check": outcome}
 
 
 def choose_engines(config: KwanzaaConfig, model, tokenizer, *, base_digest: str | None,

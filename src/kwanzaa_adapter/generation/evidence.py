@@ -19,18 +19,17 @@ the rest: weights and feature standardisation as tensors, the feature layout and
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from kwanzaa_adapter.contract import CITATION_MARKER, Answer, Source, cited_numbers, parse_answer
 from kwanzaa_adapter.data.words import split_sentences
 from kwanzaa_adapter.generation.grounding import check_grounding
 from kwanzaa_adapter.generation.reading import ReadPrompt, read_prompt, read_prompts
+from kwanzaa_adapter.generation.readout_file import read_readout, save_readout
 
 EVIDENCE_FILE = "evidence_selector.safetensors"
 EVIDENCE_FORMAT = "kwanzaa.evidence.v1"
@@ -129,37 +128,28 @@ class EvidenceSelector:
                 "second_threshold": round(self.second, 4), **self.info}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "scale": self.scale}
-        header = {"format": EVIDENCE_FORMAT, "features": FEATURES, "depth": str(self.depth),
-                  "second": repr(float(self.second)), "info": json.dumps(self.info, sort_keys=True)}
-        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path), metadata=header)
-        return path
+        return save_readout(path, {"weight": self.weight, "bias": self.bias, "mean": self.mean, "scale": self.scale},
+                            {"format": EVIDENCE_FORMAT, "features": FEATURES, "depth": str(self.depth),
+                             "second": repr(float(self.second)), "info": json.dumps(self.info, sort_keys=True)})
 
 
-def load_evidence_selector(artifact: str | Path) -> EvidenceSelector | None:
-    """The selector of an artifact directory (verified by the caller), or None when it has none."""
+def load_evidence_selector(artifact: str | Path, digests: Mapping[str, str] | None = None) -> EvidenceSelector | None:
+    """The selector of an artifact directory (verified by the caller; with `digests`, built only from the verified
+    bytes), or None when it has none."""
     path = Path(artifact) / EVIDENCE_FILE
-    if not path.is_file():
+    if not path.is_file() and (digests is None or EVIDENCE_FILE not in digests):  # verified with one: it must be there
         return None
+    header, tensors = read_readout(path, EvidenceError, "an evidence-selector", digests)
+    if header.get("format") != EVIDENCE_FORMAT or header.get("features") != FEATURES:
+        raise EvidenceError(f"{path}: format {header.get('format')!r} over {header.get('features')!r}, expected "
+                            f"{EVIDENCE_FORMAT!r} over {FEATURES!r}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(str(path))
-        if header.get("format") != EVIDENCE_FORMAT or header.get("features") != FEATURES:
-            raise EvidenceError(f"format {header.get('format')!r} over {header.get('features')!r}, expected "
-                                f"{EVIDENCE_FORMAT!r} over {FEATURES!r}")
         selector = EvidenceSelector(int(header["depth"]), float(header["second"]), tensors["weight"], tensors["bias"],
                                     tensors["mean"], tensors["scale"], json.loads(header.get("info", "{}")))
-    except EvidenceError as exc:
-        raise EvidenceError(f"{path}: {exc}") from None
-    except (KeyError, ValueError, OSError, SafetensorError) as exc:
+    except (KeyError, ValueError) as exc:
         raise EvidenceError(f"{path}: not an evidence-selector file ({type(exc).__name__}: {exc})") from None
-    width = selector.weight.shape
-    if len(width) != 1 or selector.mean.shape != width or selector.scale.shape != width or selector.bias.numel() != 1 \
-            or selector.depth < 1 or width[0] % selector.depth:
-        raise EvidenceError(f"{path}: weight, mean and scale must be vectors of one width (heads times the blocks "
-                            "read) and bias one value")
+    if selector.depth < 1 or selector.weight.shape[0] % selector.depth:
+        raise EvidenceError(f"{path}: {selector.weight.shape[0]} weights are not the heads of {selector.depth} blocks")
     return selector
 
 

@@ -15,15 +15,15 @@ standardisation of the features as tensors, the layer, position and threshold in
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from transformers import LogitsProcessor
+
+from kwanzaa_adapter.generation.readout_file import read_readout, save_readout
 
 GATE_FILE = "answerability_gate.safetensors"
 GATE_FORMAT = "kwanzaa.gate.v1"
@@ -70,37 +70,26 @@ class AnswerabilityGate:
                 "width": int(self.weight.shape[0]), **self.info}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tensors = {"weight": self.weight, "bias": self.bias, "mean": self.mean, "scale": self.scale}
-        header = {"format": GATE_FORMAT, "layer": str(self.layer), "position": POSITION,
-                  "threshold": repr(float(self.threshold)), "info": json.dumps(self.info, sort_keys=True)}
-        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(path), metadata=header)
-        return path
+        return save_readout(path, {"weight": self.weight, "bias": self.bias, "mean": self.mean, "scale": self.scale},
+                            {"format": GATE_FORMAT, "layer": str(self.layer), "position": POSITION,
+                             "threshold": repr(float(self.threshold)), "info": json.dumps(self.info, sort_keys=True)})
 
 
-def load_gate(artifact: str | Path) -> AnswerabilityGate | None:
-    """The gate of an artifact directory (verified by the caller), or None when it has none."""
+def load_gate(artifact: str | Path, digests: Mapping[str, str] | None = None) -> AnswerabilityGate | None:
+    """The gate of an artifact directory (verified by the caller; with `digests`, built only from the verified
+    bytes), or None when it has none."""
     path = Path(artifact) / GATE_FILE
-    if not path.is_file():
+    if not path.is_file() and (digests is None or GATE_FILE not in digests):  # verified with one: it must be there
         return None
+    header, tensors = read_readout(path, GateError, "a gate", digests)
+    if header.get("format") != GATE_FORMAT or header.get("position") != POSITION:
+        raise GateError(f"{path}: format {header.get('format')!r} at {header.get('position')!r}, expected "
+                        f"{GATE_FORMAT!r} at {POSITION!r}")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            header = handle.metadata() or {}
-        tensors = load_file(str(path))
-        if header.get("format") != GATE_FORMAT or header.get("position") != POSITION:
-            raise GateError(f"format {header.get('format')!r} at {header.get('position')!r}, expected "
-                            f"{GATE_FORMAT!r} at {POSITION!r}")
-        gate = AnswerabilityGate(int(header["layer"]), float(header["threshold"]), tensors["weight"],
-                                 tensors["bias"], tensors["mean"], tensors["scale"],
-                                 json.loads(header.get("info", "{}")))
-    except GateError as exc:
-        raise GateError(f"{path}: {exc}") from None
-    except (KeyError, ValueError, OSError, SafetensorError) as exc:
+        return AnswerabilityGate(int(header["layer"]), float(header["threshold"]), tensors["weight"], tensors["bias"],
+                                 tensors["mean"], tensors["scale"], json.loads(header.get("info", "{}")))
+    except (KeyError, ValueError) as exc:
         raise GateError(f"{path}: not a gate file ({type(exc).__name__}: {exc})") from None
-    width = gate.weight.shape
-    if len(width) != 1 or gate.mean.shape != width or gate.scale.shape != width or gate.bias.numel() != 1:
-        raise GateError(f"{path}: weight, mean and scale must be vectors of one width and bias one value")
-    return gate
 
 
 # --------------------------------------------------------------------------- features

@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 class Row:
     """One sequence to decode: its prompt, limit and what shapes it; its tokens and decision as it goes.
 
-    A consumer of `LlamaCppEngine.decode` may set `done` between tokens to end a row (a client gone).
+    A consumer of `LlamaCppEngine.decode` may set `done` between tokens to end a row (a client gone). A row
+    that fails on its own (its grammar, its sampler) ends with `error` set, and the others decode on.
     """
 
     prompt: list[int]
@@ -57,6 +58,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     stopped: bool = False  # ended by an end-of-turn token
     done: bool = False
+    error: Exception | None = None  # why this row alone failed (`decode` yields (index, None) when it does)
 
 
 class LlamaCppEngine:
@@ -68,6 +70,9 @@ class LlamaCppEngine:
         self.api = api = bindings()
         self.path = Path(gguf)
         params = api.llama_model_default_params()
+        # The weights are read into this process's memory, not mapped from the file: a later write to the
+        # file cannot change the weights that answer, and the logit check (`logit_check`) sees those weights.
+        params.use_mmap = False
         self.model = api.llama_model_load_from_file(str(self.path).encode(), params)
         if not self.model:
             raise EngineUnavailable(f"llama.cpp cannot load {self.path}")
@@ -197,9 +202,11 @@ class LlamaCppEngine:
                          gated=gate is not None and forced is None and (gated is None or gated[i]),
                          refuse=forced[i] if forced is not None else None)
                      for i in indices]
-            for _ in self.decode(tokenizer, batch, stop_ids, gate if forced is None else None,
-                                 hold=gate is not None or forced is not None):
-                pass
+            for index, token in self.decode(tokenizer, batch, stop_ids, gate if forced is None else None,
+                                            hold=gate is not None or forced is not None):
+                if token is None:  # the output so far stands (scored as it is); the other rows go on
+                    log.warning("%s: prompt %d failed after %d tokens: %s", self.name, indices[index],
+                                len(batch[index].tokens), batch[index].error)
             for index, row in zip(indices, batch):
                 rows[index] = row
             bar.update(len(indices))
@@ -220,8 +227,9 @@ class LlamaCppEngine:
 
     def decode(self, tokenizer, rows: list[Row], stop_ids: Sequence[int], gate: AnswerabilityGate | None = None,
                hold: bool | None = None, join: Callable | None = None,
-               room: tuple[int, int, int] | None = None) -> Iterator[tuple[int, int]]:
-        """Decode `rows` together, yielding (row index, token) as each token is chosen; holds the engine.
+               room: tuple[int, int, int] | None = None) -> Iterator[tuple[int, int | None]]:
+        """Decode `rows` together, yielding (row index, token) as each token is chosen, or (row index, None)
+        when that row alone fails (its `error` says why; the others go on); holds the engine.
 
         Each prompt is pre-filled once (the gate reads its features there, for the rows it decides)
         and copied into the sequence of every other row that has it; then all unfinished rows advance
@@ -253,16 +261,13 @@ class LlamaCppEngine:
             for index, row in enumerate(rows):
                 if row.done:
                     continue
-                row_scores = scores[index]
-                if row.constraint is not None:
-                    row_scores = row.constraint.restrict(row_scores)
-                if holding is not None and row.refuse is not None:
-                    row_scores = holding.hold(row.tokens, row_scores, row.refuse)
-                token = row.sample(row_scores) if row.sample is not None else int(row_scores.argmax())
-                row.tokens.append(token)
+                try:
+                    token = self._choose(row, scores[index], holding, stop_ids)
+                except Exception as exc:  # noqa: BLE001 - this row's grammar or sampler: it alone ends
+                    row.error, row.done = exc, True
+                    yield index, None
+                    continue
                 stop = token in stop_ids
-                if row.constraint is not None and not stop:
-                    row.constraint.advance(token)
                 yield index, token
                 if row.done:  # its consumer ended it
                     continue
@@ -290,14 +295,30 @@ class LlamaCppEngine:
             for index, leader in follows.items():
                 scores[index] = scores[leader]
 
+    @staticmethod
+    def _choose(row: Row, scores: torch.Tensor, holding: GateLogits | None, stop_ids: Sequence[int]) -> int:
+        """The row's next token: its grammar, then its decision, then greedy or its sampler."""
+        if row.constraint is not None:
+            scores = row.constraint.restrict(scores)
+        if holding is not None and row.refuse is not None:
+            scores = holding.hold(row.tokens, scores, row.refuse)
+        token = row.sample(scores) if row.sample is not None else int(scores.argmax())
+        if row.constraint is not None and token not in stop_ids:
+            row.constraint.advance(token)
+        row.tokens.append(token)
+        return token
+
     def _join(self, decoder, rows: list[Row], join: Callable | None, gate, scores: list, follows: dict,
               slots: dict) -> int:
         """Rows that start now (continuous batching), pre-filled into the free sequences after those that
-        decode (`_arrange` has made them 0..n-1): how many joined."""
+        decode (`_arrange` has made them 0..n-1): how many joined. A row that follows another's sequence
+        (the same prompt, the same tokens so far) holds a sequence in reserve: it needs one of its own
+        when it parts (another limit, a stop, a client gone)."""
         sequences, tokens, batch = decoder[1]
-        if join is None or len(slots) >= sequences:
+        free = sequences - len(slots) - sum(not rows[i].done for i in follows)
+        if join is None or free <= 0:
             return 0
-        new = join(sequences - len(slots), lambda prompt, limit: prompt <= batch and prompt + limit <= tokens)
+        new = join(free, lambda prompt, limit: prompt <= batch and prompt + limit <= tokens)
         if not new:
             return 0
         first, first_scores = len(rows), [None] * len(new)

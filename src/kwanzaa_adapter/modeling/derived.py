@@ -6,15 +6,22 @@ own `get_delta_weight` of every active LoRA; every other parameter in float32. `
 saves that as a plain Transformers model directory, and `convert_to_gguf` runs llama.cpp's own
 `convert_hf_to_gguf.py`, from the same source tree as the engine, on it.
 
-`derived_gguf` caches the result under a key made of what it derives from: the base model's digest
+`derived_gguf` caches the result under a key made of everything it derives from: the base model's digest
 (checked by the caller: training's baseline, or the backend's digest check against the verified
-artifact), a digest of the LoRA tensors as loaded, the quantization and the converter's version.
-Each cached file sits beside `derived.json`, which records those sources and the file's sha256;
-both are checked before every use, and a cache entry that does not match is rebuilt, never loaded.
+artifact) and its configuration, a digest of the LoRA tensors as loaded and of the adapters' settings
+(rank, alpha, rsLoRA, targets), the weight type, the merged weights' dtype, and the converter's version
+and source tree. Each cached file sits beside `derived.json`, which records those sources and the file's
+sha256; both are checked before every use, and an entry that does not match is rebuilt. That guards
+against accidents only (whoever can write the cache can rewrite both): the engine proves a derived model
+is the verified one by its logits before it answers (`generation.logit_check`). An entry is built in a
+folder of its own and renamed into place whole; of two processes that build one entry at once, the one
+that loses the race uses the winner's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -86,6 +93,26 @@ def merged_state(model, with_adapter: bool = True) -> dict[str, torch.Tensor]:
     return state
 
 
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=_plain).encode()).hexdigest()
+
+
+def _plain(value):
+    """JSON for what json cannot write: a set as a sorted list (its order is not the same in every process)."""
+    return sorted(value, key=str) if isinstance(value, (set, frozenset)) else str(value)
+
+
+def adapter_settings_digest(model) -> str | None:
+    """sha256 of every adapter's settings as loaded (`adapter_config.json`: rank, alpha, rsLoRA, targets...)."""
+    configs = getattr(model, "peft_config", None)
+    return _digest({name: config.to_dict() for name, config in configs.items()}) if configs else None
+
+
+def base_config_digest(model) -> str:
+    """sha256 of the base model's configuration (`config.json` as loaded)."""
+    return _digest(_inner(model).config.to_dict())
+
+
 def lora_digest(model) -> str | None:
     """sha256 of the LoRA tensors as loaded (names and float32 bytes); None without any."""
     digest, found = hashlib.sha256(), False
@@ -141,6 +168,20 @@ def converter_version() -> str:
         raise DerivationError(CONVERTER_MISSING) from None
 
 
+@functools.lru_cache(maxsize=4)
+def _tree_digest(source: Path) -> str:
+    digest = hashlib.sha256()
+    for path in [source / "convert_hf_to_gguf.py", *sorted((source / "gguf-py").rglob("*.py"))]:
+        digest.update(str(path.relative_to(source)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def converter_digest() -> str:
+    """sha256 of the converter's source: convert_hf_to_gguf.py and the gguf-py package it writes with."""
+    return _tree_digest(llamacpp_source())
+
+
 def convert_to_gguf(model_dir: Path, out: Path, quant: str) -> Path:
     """llama.cpp's convert_hf_to_gguf.py on a Transformers model directory; DerivationError with its
     last lines when it fails (an architecture it does not know, a tokenizer it cannot read)."""
@@ -157,11 +198,8 @@ def convert_to_gguf(model_dir: Path, out: Path, quant: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def default_cache_dir() -> Path:
@@ -169,20 +207,27 @@ def default_cache_dir() -> Path:
 
 
 def derived_gguf(model, tokenizer, *, base_digest: str, with_adapter: bool, quant: str,
-                 cache_dir: str | Path | None = None) -> tuple[Path, dict]:
-    """(GGUF path, its record): from the cache when its record and sha256 match, else built anew."""
-    sources = {"format": DERIVED_FORMAT, "base_digest": base_digest,
-               "adapter_digest": lora_digest(model) if with_adapter else None,
-               "quant": quant, "converter": converter_version()}
-    key = hashlib.sha256(json.dumps(sources, sort_keys=True).encode()).hexdigest()[:24]
-    entry = Path(cache_dir or default_cache_dir()) / key
-    problem = check_derived(entry, sources)
-    if problem is None:
-        log.info("fast engine: cached %s (%s)", entry / GGUF_FILE, quant)
-        return entry / GGUF_FILE, json.loads((entry / DERIVED_RECORD).read_text())
-    if entry.exists():
-        log.warning("fast engine: rebuilding %s: %s", entry, problem)
-    return build_derived(model, tokenizer, entry, sources, with_adapter)
+                 cache_dir: str | Path | None = None, rebuild: str | None = None) -> tuple[Path, dict]:
+    """(GGUF path, its record): from the cache when its record and sha256 match, else built anew; `rebuild`
+    (the reason) builds anew in any case. DerivationError when it cannot be built (a cache that cannot be
+    written included)."""
+    cache = Path(cache_dir or default_cache_dir())
+    try:
+        sources = {"format": DERIVED_FORMAT, "base_digest": base_digest, "base_config": base_config_digest(model),
+                   "adapter_digest": lora_digest(model) if with_adapter else None,
+                   "adapter_settings": adapter_settings_digest(model) if with_adapter else None,
+                   "quant": quant, "merged_dtype": "float32", "converter": converter_version(),
+                   "converter_source": converter_digest()}
+        entry = cache / _digest(sources)[:24]
+        problem = rebuild or check_derived(entry, sources)
+        if problem is None:
+            log.info("fast engine: cached %s (%s)", entry / GGUF_FILE, quant)
+            return entry / GGUF_FILE, json.loads((entry / DERIVED_RECORD).read_text())
+        if entry.exists():
+            log.warning("fast engine: rebuilding %s: %s", entry, problem)
+        return build_derived(model, tokenizer, entry, sources, with_adapter)
+    except OSError as exc:
+        raise DerivationError(f"cannot derive the fast engine's model in {cache}: {exc}") from None
 
 
 def check_derived(entry: Path, sources: dict) -> str | None:
@@ -202,10 +247,13 @@ def check_derived(entry: Path, sources: dict) -> str | None:
 
 
 def build_derived(model, tokenizer, entry: Path, sources: dict, with_adapter: bool) -> tuple[Path, dict]:
+    """Build the entry in a folder of its own beside it, then rename that folder into place whole: an old
+    entry is first renamed aside (and removed); a process that built the same entry meanwhile wins, and its
+    entry is used when it checks out."""
     started = time.perf_counter()
     entry.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=entry.parent, prefix=".building-") as staging:
-        staging = Path(staging)
+    staging = Path(tempfile.mkdtemp(dir=entry.parent, prefix=".building-"))
+    try:
         write_merged(model, tokenizer, staging / "merged", with_adapter)
         gguf = convert_to_gguf(staging / "merged", staging / GGUF_FILE, sources["quant"])
         shutil.rmtree(staging / "merged")
@@ -213,8 +261,17 @@ def build_derived(model, tokenizer, entry: Path, sources: dict, with_adapter: bo
                   "built_seconds": round(time.perf_counter() - started, 1)}
         (staging / DERIVED_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if entry.exists():
-            shutil.rmtree(entry)
-        staging.rename(entry)
-        staging.mkdir()  # the context manager removes what it made
+            with contextlib.suppress(OSError):  # another process may have moved it already
+                entry.rename(aside := Path(tempfile.mkdtemp(dir=entry.parent, prefix=".stale-")) / "entry")
+                shutil.rmtree(aside.parent, ignore_errors=True)
+        try:
+            staging.rename(entry)
+        except OSError:  # another process renamed its entry into place first: use the winner's
+            if check_derived(entry, sources) is not None:
+                raise
+            log.info("fast engine: %s was built by another process meanwhile", entry)
+            return entry / GGUF_FILE, json.loads((entry / DERIVED_RECORD).read_text())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("fast engine: built %s (%s) in %.1f s", entry / GGUF_FILE, sources["quant"], record["built_seconds"])
     return entry / GGUF_FILE, record

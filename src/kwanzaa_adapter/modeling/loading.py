@@ -258,16 +258,21 @@ class AdapterVerificationError(Exception):
     """An adapter artifact failed verification and was not loaded (exit 1)."""
 
 
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
 def load_verified_adapter(model, artifact_dir: str | Path, trusted_keys: Sequence[str | Path] = ()):
     """Wrap `model` with the adapter of `artifact_dir`, only after the artifact passes `verify` (and,
     with trusted keys, after one of them is found to have signed it): checked again at the last moment."""
     from peft import PeftModel
 
-    from kwanzaa_adapter.safety.artifacts import verify_artifact
+    from kwanzaa_adapter.safety.artifacts import sealed_copy, verify_artifact
     from kwanzaa_adapter.safety.signing import require_trusted_signature
 
     require_trusted_signature(artifact_dir, trusted_keys)
     report = verify_artifact(Path(artifact_dir))
     if not report.ok:
         raise AdapterVerificationError(f"refusing to load the adapter in {artifact_dir}:\n{report.format()}")
-    return PeftModel.from_pretrained(model, str(artifact_dir), is_trainable=False)
+    # PEFT reads a private copy of the bytes just verified, not the artifact's files again.
+    with sealed_copy(artifact_dir, ADAPTER_FILES, report.digests) as verified:
+        return PeftModel.from_pretrained(model, str(verified), is_trainable=False)

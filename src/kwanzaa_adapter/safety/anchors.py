@@ -20,8 +20,9 @@ from kwanzaa_adapter.safety.artifacts.manifest import ArtifactError
 # A trained artifact is `<run directory>/final_artifact`; every run directory holds its baseline checksums.
 ARTIFACT_DIRNAME = "final_artifact"
 RUN_MARKER = "baseline_checksums.json"
-MAX_KEY_FILE_BYTES = 64 << 10  # a PEM key is a few hundred bytes; checkpoints and weights are skipped by size
-MAX_SCANNED_FILES = 50_000
+MAX_SCANNED_FILES = 50_000  # more, and the scan refuses rather than stop short
+PEM_BEGIN = b"-----BEGIN"
+CHUNK = 1 << 20
 
 
 class UntrustedAnchorError(ArtifactError):
@@ -62,26 +63,54 @@ def _within(path: Path, folders: list[Path]) -> Path | None:
     return next((folder for folder in folders if path == folder or folder in path.parents), None)
 
 
+def _pem_blocks(path: Path) -> list[int]:
+    """Where `-----BEGIN` starts in a file, read in chunks (a key may hide behind any amount of padding)."""
+    found, offset, tail = [], 0, b""
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            window = tail + chunk
+            start = 0
+            while (at := window.find(PEM_BEGIN, start)) != -1:
+                found.append(offset - len(tail) + at)
+                start = at + 1
+            tail = window[-(len(PEM_BEGIN) - 1):]
+            offset += len(chunk)
+    return found
+
+
 def _key_files(folders: list[Path]) -> dict[str, Path]:
-    """fingerprint -> a file holding that key, for every small PEM key file under `folders`."""
+    """fingerprint -> a file holding that key, for every file under `folders` with a PEM key in it, of any
+    size and wherever in the file; UntrustedAnchorError when the scan cannot be completed (a file that
+    cannot be read, more than MAX_SCANNED_FILES files): a key it did not see could be a copy."""
     found, scanned = {}, 0
     for folder in folders:
-        for root, _, names in os.walk(folder):
+        for root, _, names in os.walk(folder, onerror=_unreadable):
             for name in names:
                 scanned += 1
                 if scanned > MAX_SCANNED_FILES:
-                    return found
+                    raise UntrustedAnchorError(f"{folder}: more than {MAX_SCANNED_FILES:,} files; the search for copies "
+                                               "of the trusted key cannot be completed, so no key is trusted; move "
+                                               "the artifact out of that directory")
                 path = Path(root) / name
+                if path.is_symlink() or not path.is_file():
+                    continue
                 try:
-                    if not path.is_file() or path.stat().st_size > MAX_KEY_FILE_BYTES:
+                    starts = _pem_blocks(path)
+                    if not starts:
                         continue
                     data = path.read_bytes()
-                except OSError:
-                    continue
-                fingerprint = pem_fingerprint(data) if b"-----BEGIN" in data else None
-                if fingerprint:
-                    found.setdefault(fingerprint, path)
+                except OSError as exc:
+                    _unreadable(exc)
+                for start in starts:
+                    fingerprint = pem_fingerprint(data[start:])
+                    if fingerprint:
+                        found.setdefault(fingerprint, path)
     return found
+
+
+def _unreadable(exc: OSError) -> None:
+    raise UntrustedAnchorError(f"{exc.filename}: cannot be read ({exc.strerror or exc}); the search for copies of "
+                               "the trusted key cannot be completed, so no key is trusted")
 
 
 def refuse_anchors_within_reach(artifact: str | Path, keys: Sequence[str | Path],

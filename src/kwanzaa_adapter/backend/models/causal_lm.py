@@ -168,6 +168,8 @@ class ChatStream:
                   sample=sampler(self.sampling.get("temperature", 0.0), self.sampling.get("top_p", 1.0)))
         with owner.lock:
             for _, token in owner.fast.decode(tokenizer, [row], stop_ids, self.gate):
+                if token is None:
+                    raise RuntimeError(f"generation failed after {len(row.tokens)} tokens: {row.error}")
                 if token in stop_ids:
                     break
                 text = tokenizer.decode(row.tokens, skip_special_tokens=True)
@@ -207,9 +209,12 @@ class CausalLMModel:
             self.adapter = check_base_digest(verified, self.base_digest, allow_base_mismatch)
             model = load_verified_adapter(model, adapter, trusted)
         # The gate comes from the verified artifact; gate.apply false leaves the decision to the generation.
-        self.gate: AnswerabilityGate | None = load_gate(adapter) if adapter is not None and config.gate.apply else None
+        # Both are read once and built from the bytes verification checked (safety.artifacts.sealed).
+        self.gate: AnswerabilityGate | None = load_gate(adapter, verified.digests) \
+            if adapter is not None and config.gate.apply else None
         # The evidence selector too (evidence.apply none leaves the model's citations and text).
-        self.selector: EvidenceSelector | None = load_evidence_selector(adapter) if adapter is not None else None
+        self.selector: EvidenceSelector | None = load_evidence_selector(adapter, verified.digests) \
+            if adapter is not None else None
         if loaded_as != self.precision.resolved:
             set_compute_precision(model, self.precision.dtype)
             log.info("base verified in %s (as trained); computing in %s", loaded_as, self.precision.resolved)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from kwanzaa_adapter.config import KwanzaaConfig
@@ -29,6 +29,7 @@ class VerifiedArtifact:
     metadata: dict
     report: str
     trusted_keys: tuple = ()  # the keys its signature was checked against; checked again at load
+    digests: dict = field(default_factory=dict)  # sha256 of each verified file: the gate and selector are read by them
 
     @property
     def trained_base_digest(self) -> str:
@@ -55,7 +56,7 @@ def verify_adapter_artifact(artifact: str | Path, trusted_keys: Sequence[str | P
     if not isinstance(digest, str):
         raise ArtifactError(f"{artifact / 'metadata.json'}: base_model.model_digest is missing; "
                             "the artifact was not made by `kwanzaa-adapter train`")
-    return VerifiedArtifact(artifact, metadata, report.format(), tuple(trusted_keys))
+    return VerifiedArtifact(artifact, metadata, report.format(), tuple(trusted_keys), dict(report.digests))
 
 
 def base_digest_as_trained(model, config: KwanzaaConfig) -> str:

@@ -312,7 +312,10 @@ class BatchEngine:
             ticket, row = batch[index], rows[index]
             if row.gated and ticket.gate is None:
                 record(index, row.refuse, row.probability)
-            if ticket.cancelled:
+            if token is None:  # this row alone failed (its grammar, its sampler): the others decode on
+                log.warning("a request of the batch failed after %d tokens: %s", len(ticket.ids), row.error)
+                ticket.fail(RuntimeError(f"generation failed after {len(ticket.ids)} tokens: {row.error}"))
+            elif ticket.cancelled:
                 ticket.finish("cancelled")
             elif self.aborting:
                 ticket.fail(ShuttingDown("the server stopped before this answer was complete"))

@@ -14,6 +14,7 @@ from kwanzaa_adapter.safety.artifacts.manifest import (
     sha256_file,
     write_manifest,
 )
+from kwanzaa_adapter.safety.artifacts.sealed import SealedFileChangedError, read_sealed, sealed_copy
 from kwanzaa_adapter.safety.artifacts.safetensors_header import SafetensorsHeaderError, check_safetensors_header
 from kwanzaa_adapter.safety.artifacts.verify import (
     PICKLE_SUFFIXES,
@@ -34,10 +35,13 @@ __all__ = [
     "Mismatch",
     "PathRejection",
     "SafetensorsHeaderError",
+    "SealedFileChangedError",
     "VerificationReport",
     "atomic_directory",
     "build_manifest",
     "check_safetensors_header",
+    "read_sealed",
+    "sealed_copy",
     "format_info_table",
     "load_manifest",
     "seal_artifact",

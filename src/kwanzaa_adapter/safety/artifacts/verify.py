@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -50,6 +51,7 @@ class VerificationReport:
     mismatched: tuple[Mismatch, ...] = ()
     rejected: tuple[PathRejection, ...] = ()
     verified: tuple[str, ...] = field(default=())  # files whose digest and size matched
+    digests: Mapping[str, str] = field(default_factory=dict)  # their sha256, for `sealed.read_sealed`
 
     @property
     def ok(self) -> bool:
@@ -130,6 +132,7 @@ def verify_artifact(
     extra: set[str] = set()
     mismatched: list[Mismatch] = []
     verified: list[str] = []
+    digests: dict[str, str] = {}
     if manifest is not None:
         not_regular = {r.path for r in rejected}
         for entry in manifest.files:
@@ -141,6 +144,7 @@ def verify_artifact(
                     continue
                 if (actual_sha, actual_size) == (entry.sha256, entry.size):
                     verified.append(entry.path)
+                    digests[entry.path] = entry.sha256
                 else:
                     mismatched.append(Mismatch(entry.path, entry.sha256, actual_sha, entry.size, actual_size))
             elif entry.path in not_regular:
@@ -161,4 +165,5 @@ def verify_artifact(
         mismatched=tuple(sorted(mismatched, key=lambda m: m.path)),
         rejected=tuple(sorted(unique_rejected.values(), key=lambda r: (r.path, r.reason))),
         verified=tuple(verified),
+        digests=digests,
     )
