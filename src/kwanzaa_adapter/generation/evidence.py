@@ -29,7 +29,7 @@ from kwanzaa_adapter.contract import CITATION_MARKER, Answer, Source, cited_numb
 from kwanzaa_adapter.data.words import split_sentences
 from kwanzaa_adapter.generation.grounding import check_grounding
 from kwanzaa_adapter.generation.reading import ReadPrompt, read_prompt, read_prompts
-from kwanzaa_adapter.generation.readout_file import read_readout, save_readout
+from kwanzaa_adapter.generation.readout_file import load_readout, save_readout
 
 EVIDENCE_FILE = "evidence_selector.safetensors"
 EVIDENCE_FORMAT = "kwanzaa.evidence.v1"
@@ -136,20 +136,14 @@ class EvidenceSelector:
 def load_evidence_selector(artifact: str | Path, digests: Mapping[str, str] | None = None) -> EvidenceSelector | None:
     """The selector of an artifact directory (verified by the caller; with `digests`, built only from the verified
     bytes), or None when it has none."""
-    path = Path(artifact) / EVIDENCE_FILE
-    if not path.is_file() and (digests is None or EVIDENCE_FILE not in digests):  # verified with one: it must be there
-        return None
-    header, tensors = read_readout(path, EvidenceError, "an evidence-selector", digests)
-    if header.get("format") != EVIDENCE_FORMAT or header.get("features") != FEATURES:
-        raise EvidenceError(f"{path}: format {header.get('format')!r} over {header.get('features')!r}, expected "
-                            f"{EVIDENCE_FORMAT!r} over {FEATURES!r}")
-    try:
-        selector = EvidenceSelector(int(header["depth"]), float(header["second"]), tensors["weight"], tensors["bias"],
-                                    tensors["mean"], tensors["scale"], json.loads(header.get("info", "{}")))
-    except (KeyError, ValueError) as exc:
-        raise EvidenceError(f"{path}: not an evidence-selector file ({type(exc).__name__}: {exc})") from None
-    if selector.depth < 1 or selector.weight.shape[0] % selector.depth:
-        raise EvidenceError(f"{path}: {selector.weight.shape[0]} weights are not the heads of {selector.depth} blocks")
+    selector = load_readout(artifact, EVIDENCE_FILE, digests, EvidenceError, "an evidence-selector",
+                            {"format": EVIDENCE_FORMAT, "features": FEATURES},
+                            lambda header, t: EvidenceSelector(int(header["depth"]), float(header["second"]),
+                                                               t["weight"], t["bias"], t["mean"], t["scale"],
+                                                               json.loads(header.get("info", "{}"))))
+    if selector is not None and (selector.depth < 1 or selector.weight.shape[0] % selector.depth):
+        raise EvidenceError(f"{Path(artifact) / EVIDENCE_FILE}: {selector.weight.shape[0]} weights are not the heads "
+                            f"of {selector.depth} blocks")
     return selector
 
 

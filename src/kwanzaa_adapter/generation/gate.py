@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor
 
-from kwanzaa_adapter.generation.readout_file import read_readout, save_readout
+from kwanzaa_adapter.generation.readout_file import load_readout, save_readout
 
 GATE_FILE = "answerability_gate.safetensors"
 GATE_FORMAT = "kwanzaa.gate.v1"
@@ -78,18 +78,12 @@ class AnswerabilityGate:
 def load_gate(artifact: str | Path, digests: Mapping[str, str] | None = None) -> AnswerabilityGate | None:
     """The gate of an artifact directory (verified by the caller; with `digests`, built only from the verified
     bytes), or None when it has none."""
-    path = Path(artifact) / GATE_FILE
-    if not path.is_file() and (digests is None or GATE_FILE not in digests):  # verified with one: it must be there
-        return None
-    header, tensors = read_readout(path, GateError, "a gate", digests)
-    if header.get("format") != GATE_FORMAT or header.get("position") != POSITION:
-        raise GateError(f"{path}: format {header.get('format')!r} at {header.get('position')!r}, expected "
-                        f"{GATE_FORMAT!r} at {POSITION!r}")
-    try:
-        return AnswerabilityGate(int(header["layer"]), float(header["threshold"]), tensors["weight"], tensors["bias"],
-                                 tensors["mean"], tensors["scale"], json.loads(header.get("info", "{}")))
-    except (KeyError, ValueError) as exc:
-        raise GateError(f"{path}: not a gate file ({type(exc).__name__}: {exc})") from None
+    def build(header: dict, t: dict) -> AnswerabilityGate:
+        return AnswerabilityGate(int(header["layer"]), float(header["threshold"]), t["weight"], t["bias"], t["mean"],
+                                 t["scale"], json.loads(header.get("info", "{}")))
+
+    return load_readout(artifact, GATE_FILE, digests, GateError, "a gate",
+                        {"format": GATE_FORMAT, "position": POSITION}, build)
 
 
 # --------------------------------------------------------------------------- features

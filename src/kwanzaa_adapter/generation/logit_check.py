@@ -89,7 +89,8 @@ def probe_ids(tokenizer) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def reference_logits(model, prompts: list[list[int]], with_adapter: bool = True) -> tuple[list[torch.Tensor], torch.dtype]:
+def reference_logits(model, prompts: list[list[int]], with_adapter: bool = True
+                     ) -> tuple[list[torch.Tensor], torch.dtype]:
     """The model's own logits on each prompt (1 x positions x vocab, float32), without its adapter where asked,
     and the dtype it computed them in."""
     device = next(model.parameters()).device

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -15,6 +16,7 @@ from safetensors.torch import load, save_file
 from kwanzaa_adapter.safety.artifacts import read_sealed
 
 TENSORS = ("weight", "bias", "mean", "scale")
+Readout = TypeVar("Readout")
 
 
 def save_readout(path: str | Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> Path:
@@ -43,3 +45,21 @@ def read_readout(path: Path, error: type[ValueError], kind: str, digests: Mappin
             or tensors["bias"].numel() != 1:
         raise error(f"{path}: weight, mean and scale must be vectors of one width and bias one value")
     return header, tensors
+
+
+def load_readout(artifact: str | Path, name: str, digests: Mapping[str, str] | None, error: type[ValueError], kind: str,
+                 header_holds: dict[str, str], build: Callable[[dict, dict], Readout]) -> Readout | None:
+    """`build(header, tensors)` from the read-out file `name` of an artifact (verified by the caller; with
+    `digests`, only from the verified bytes), or None when it has none; `error(...)` naming the file when
+    its header does not hold `header_holds` or `build` finds a value missing or malformed."""
+    path = Path(artifact) / name
+    if not path.is_file() and (digests is None or name not in digests):  # verified with one: it must be there
+        return None
+    header, tensors = read_readout(path, error, kind, digests)
+    found = {key: header.get(key) for key in header_holds}
+    if found != header_holds:
+        raise error(f"{path}: {found}, expected {header_holds}")
+    try:
+        return build(header, tensors)
+    except (KeyError, ValueError) as exc:
+        raise error(f"{path}: not {kind} file ({type(exc).__name__}: {exc})") from None
