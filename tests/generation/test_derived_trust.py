@@ -9,6 +9,7 @@ the file depends on; and building one entry from two processes at once must leav
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 
 import pytest
@@ -26,6 +27,20 @@ pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make 
 @pytest.fixture(scope="module")
 def adapted(tokenizer):
     return _adapted(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def built(adapted, tokenizer, tmp_path_factory):
+    """A cache holding the adapter's and the base's derived models, built once; tests work on copies."""
+    cache = tmp_path_factory.mktemp("built-cache")
+    for with_adapter in (True, False):
+        derived_gguf(adapted, tokenizer, base_digest="tiny", with_adapter=with_adapter, quant="f16", cache_dir=cache)
+    return cache
+
+
+@pytest.fixture
+def cache(built, tmp_path):
+    return shutil.copytree(built, tmp_path / "cache")
 
 
 def _config(tmp_path, tiny_model_dir, engine: str, cache):
@@ -46,9 +61,9 @@ def _swap_in_the_base(adapted, tokenizer, cache):
     return adapter_path, genuine
 
 
-def test_a_swapped_derived_model_is_rebuilt_under_auto(adapted, tokenizer, tiny_model_dir, tmp_path, caplog):
-    path, genuine = _swap_in_the_base(adapted, tokenizer, tmp_path / "cache")
-    config = _config(tmp_path, tiny_model_dir, "auto", tmp_path / "cache")
+def test_a_swapped_derived_model_is_rebuilt_under_auto(adapted, tokenizer, tiny_model_dir, tmp_path, cache, caplog):
+    path, genuine = _swap_in_the_base(adapted, tokenizer, cache)
+    config = _config(tmp_path, tiny_model_dir, "auto", cache)
     with caplog.at_level("WARNING"):
         choice = engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=True)
     assert "is not the verified model" in caplog.text and "rebuilding it" in caplog.text
@@ -57,22 +72,23 @@ def test_a_swapped_derived_model_is_rebuilt_under_auto(adapted, tokenizer, tiny_
     choice.engine.close()
 
 
-def test_a_swapped_derived_model_is_refused_when_llamacpp_is_required(adapted, tokenizer, tiny_model_dir, tmp_path):
-    _swap_in_the_base(adapted, tokenizer, tmp_path / "cache")
-    config = _config(tmp_path, tiny_model_dir, "llama.cpp", tmp_path / "cache")
+def test_a_swapped_derived_model_is_refused_when_llamacpp_is_required(adapted, tokenizer, tiny_model_dir, tmp_path,
+                                                                       cache):
+    _swap_in_the_base(adapted, tokenizer, cache)
+    config = _config(tmp_path, tiny_model_dir, "llama.cpp", cache)
     with pytest.raises(DerivationError, match="is not the verified model"):
         engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=True)
 
 
-def test_the_check_passes_the_base_variant_and_records_its_cost(adapted, tokenizer, tiny_model_dir, tmp_path):
-    config = _config(tmp_path, tiny_model_dir, "llama.cpp", tmp_path / "cache")
+def test_the_check_passes_the_base_variant_and_records_its_cost(adapted, tokenizer, tiny_model_dir, tmp_path, cache):
+    config = _config(tmp_path, tiny_model_dir, "llama.cpp", cache)
     choice = engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=False)
     check = choice.record["logit_check"]
     assert check["passed"] and check["positions"] > 20 and 0 < check["seconds"] < 2
     choice.engine.close()
 
 
-def test_the_same_tensors_with_another_alpha_do_not_reuse_the_entry(tokenizer, tmp_path):
+def test_the_same_tensors_with_another_alpha_do_not_reuse_the_entry(tokenizer, cache):
     from peft import LoraConfig, get_peft_model
 
     from tests.conftest import build_tiny_model
@@ -83,8 +99,8 @@ def test_the_same_tensors_with_another_alpha_do_not_reuse_the_entry(tokenizer, t
         return get_peft_model(base, LoraConfig(r=4, lora_alpha=alpha, target_modules=["q_proj", "v_proj", "down_proj"],
                                                init_lora_weights=False)).eval()
 
-    options = dict(base_digest="tiny", with_adapter=True, quant="f16", cache_dir=tmp_path)
-    first, second = adapted_with(8), adapted_with(16)
+    options = dict(base_digest="tiny", with_adapter=True, quant="f16", cache_dir=cache)
+    first, second = adapted_with(8), adapted_with(16)  # the first is the adapter the cache holds
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     path, _ = derived_gguf(first, tokenizer, **options)
     other, _ = derived_gguf(second, tokenizer, **options)

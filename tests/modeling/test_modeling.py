@@ -51,6 +51,8 @@ def test_hub_id_is_resolved_without_network_and_fails_clearly_offline(tmp_path, 
     assert resolve_model_reference("allenai/OLMo-7B-Instruct-hf").kind == "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # The hub library read the variable when it was imported: offline now, not after DNS lookups time out.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     config = load_training_config(write_run_config(tmp_path, tmp_path), ["model.name_or_path=someone/not-cached-model"])
     with pytest.raises(ModelReferenceError, match="cannot load base model 'someone/not-cached-model'.*local directory"):
         load_base_model(config, "cpu", "float32")
