@@ -18,7 +18,8 @@ import torch
 from conftest import write_run_config
 from kwanzaa_adapter.config import load_training_config
 from kwanzaa_adapter.generation import engines
-from kwanzaa_adapter.modeling.derived import DERIVED_RECORD, DerivationError, check_derived, derived_gguf, file_sha256
+from kwanzaa_adapter.modeling.derived import DERIVED_RECORD, DerivationError, check_derived, derived_gguf
+from kwanzaa_adapter.safety.artifacts import sha256_file
 from tests.generation.test_fast_engine import _adapted
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
@@ -53,10 +54,10 @@ def _swap_in_the_base(adapted, tokenizer, cache):
     options = dict(base_digest="tiny", quant="f16", cache_dir=cache)
     adapter_path, _ = derived_gguf(adapted, tokenizer, with_adapter=True, **options)
     base_path, _ = derived_gguf(adapted, tokenizer, with_adapter=False, **options)
-    genuine = file_sha256(adapter_path)
+    genuine = sha256_file(adapter_path)[0]
     adapter_path.write_bytes(base_path.read_bytes())
     record = json.loads((adapter_path.parent / DERIVED_RECORD).read_text())
-    record["gguf_sha256"] = file_sha256(adapter_path)
+    record["gguf_sha256"] = sha256_file(adapter_path)[0]
     (adapter_path.parent / DERIVED_RECORD).write_text(json.dumps(record))
     return adapter_path, genuine
 
@@ -68,7 +69,7 @@ def test_a_swapped_derived_model_is_rebuilt_under_auto(adapted, tokenizer, tiny_
         choice = engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=True)
     assert "is not the verified model" in caplog.text and "rebuilding it" in caplog.text
     assert choice.engine is not None and choice.record["logit_check"]["passed"]
-    assert file_sha256(path) == genuine  # the entry holds the adapter's model again
+    assert sha256_file(path)[0] == genuine  # the entry holds the adapter's model again
     choice.engine.close()
 
 
@@ -104,7 +105,7 @@ def test_the_same_tensors_with_another_alpha_do_not_reuse_the_entry(tokenizer, c
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
     path, _ = derived_gguf(first, tokenizer, **options)
     other, _ = derived_gguf(second, tokenizer, **options)
-    assert other.parent != path.parent and file_sha256(other) != file_sha256(path)
+    assert other.parent != path.parent and sha256_file(other)[0] != sha256_file(path)[0]
 
 
 def test_two_builders_of_one_entry_both_end_with_a_valid_model(adapted, tokenizer, tmp_path):

@@ -15,10 +15,10 @@ from kwanzaa_adapter.modeling.loading import add_adapter, load_base_model, run_p
 from kwanzaa_adapter.modeling.sources import (
     CONVERSION_RECORD,
     ModelReferenceError,
-    file_sha256,
     materialize,
     resolve_model_reference,
 )
+from kwanzaa_adapter.safety.artifacts import sha256_file
 from kwanzaa_adapter.safety.checksums import compute_model_state_checksum, verify_only_adapter_trainable
 
 
@@ -66,7 +66,7 @@ def test_packaged_model_converts_once_into_a_cached_safetensors_directory():
     assert {"config.json", "model.safetensors", "tokenizer.json", CONVERSION_RECORD} <= files
     assert not any(f.endswith((".bin", ".pt", ".pth", ".pkl")) for f in files)
     record = json.loads((Path(directory) / CONVERSION_RECORD).read_text())
-    assert record["source_sha256"] == file_sha256(source.path)
+    assert record["source_sha256"] == sha256_file(source.path, follow_symlinks=True)[0]
     assert materialize(resolve_model_reference(str(source.path))) == directory  # same digest, same cache
 
 

@@ -2,11 +2,12 @@
 
 The base model is loaded as training loaded it (4-bit where configured, in the precision it was
 trained in) and must have the digest the artifact records; the verified adapter is applied to it:
-the model as trained. That base is then de-quantized to float32, the adapter applied again, and
-PEFT's `merge_and_unload` folds it into the weights. The merged model is saved as safetensors with
-the tokenizer and chat template, reloaded from disk, and its logits on sample prompts are compared
-with both: the model as trained (which proves the merged model is the trained one) and the
-de-quantized base + adapter (which isolates the merge from the de-quantization). Each comparison
+the model as trained. Its merge is the fast engine's (`modeling.derived.write_merged`): each 4-bit
+weight de-quantized to float32 as training's forward pass de-quantizes it, plus PEFT's own LoRA delta.
+The merged model is saved as safetensors with the tokenizer and chat template, reloaded from disk, and
+its logits on sample prompts are compared with both: the model as trained (which proves the merged
+model is the trained one) and its base de-quantized to float32 with the adapter applied again, unmerged
+(which isolates the merge from the de-quantization). Each comparison
 has its own tolerance; the figures go into `logit_check.json`. The directory is sealed with
 `checksums.json` and written atomically, so a failed check leaves nothing behind.
 """
@@ -27,6 +28,7 @@ from kwanzaa_adapter.backend.models.causal_lm import (
 )
 from kwanzaa_adapter.config import KwanzaaConfig, config_from_yaml_text
 from kwanzaa_adapter.data.records import Document, RagRecord, render_record
+from kwanzaa_adapter.modeling.derived import write_merged
 from kwanzaa_adapter.modeling.loading import load_verified_adapter, resolve_device, run_precision, set_compute_precision
 from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact, verify_artifact
 
@@ -154,9 +156,9 @@ def export_merged(adapter: str | Path, out: str | Path, config: KwanzaaConfig | 
         model, trained = load_as_trained(config, verified, device, allow_base_mismatch)
         prompts = sample_prompt_ids(trained.tokenizer, config, device)
         as_trained = [logits(model, ids) for ids in prompts]
+        save_merged(model, trained.tokenizer, staging)  # from the model as trained, which it leaves as it is
         model = dequantized_with_adapter(model, config, verified)
         dequantized = [logits(model, ids) for ids in prompts]
-        save_merged(model, trained.tokenizer, staging)
         del model
         reloaded = reload(staging, device)
         merged = [logits(reloaded, ids) for ids in prompts]
@@ -245,11 +247,9 @@ def check_logits(merged: list[torch.Tensor], as_trained: list[torch.Tensor], deq
 
 
 def save_merged(adapted, tokenizer, directory: Path) -> None:
-    """PEFT's merge_and_unload, saved as safetensors with the tokenizer and its chat template."""
-    merged = adapted.merge_and_unload()
-    merged.config.use_cache = True  # an inference model; training switched the cache off
-    merged.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    """The merged float32 weights (`modeling.derived.write_merged`, the fast engine's merge too), saved as
+    safetensors with the tokenizer and its chat template, readable by everyone."""
+    write_merged(adapted, tokenizer, directory)
     for path in directory.iterdir():
         path.chmod(0o644)  # safetensors writes weights private; the export is for everyone to read
 

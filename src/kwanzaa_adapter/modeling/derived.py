@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from kwanzaa_adapter.safety.artifacts import sha256_file
+
 log = logging.getLogger(__name__)
 
 QUANTS = ("q8_0", "bf16", "f16")
@@ -197,11 +199,6 @@ def convert_to_gguf(model_dir: Path, out: Path, quant: str) -> Path:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("KWANZAA_ADAPTER_CACHE") or Path.home() / ".cache" / "kwanzaa-adapter") / "derived"
 
@@ -241,7 +238,7 @@ def check_derived(entry: Path, sources: dict) -> str | None:
         return f"unreadable {DERIVED_RECORD} ({exc})"
     if record.get("derives_from") != sources:
         return f"it derives from {record.get('derives_from')}, not {sources}"
-    if file_sha256(gguf) != record.get("gguf_sha256"):
+    if sha256_file(gguf)[0] != record.get("gguf_sha256"):
         return f"{GGUF_FILE} does not have the sha256 its record holds"
     return None
 
@@ -257,7 +254,7 @@ def build_derived(model, tokenizer, entry: Path, sources: dict, with_adapter: bo
         write_merged(model, tokenizer, staging / "merged", with_adapter)
         gguf = convert_to_gguf(staging / "merged", staging / GGUF_FILE, sources["quant"])
         shutil.rmtree(staging / "merged")
-        record = {"derives_from": sources, "gguf_sha256": file_sha256(gguf),
+        record = {"derives_from": sources, "gguf_sha256": sha256_file(gguf)[0],
                   "built_seconds": round(time.perf_counter() - started, 1)}
         (staging / DERIVED_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if entry.exists():

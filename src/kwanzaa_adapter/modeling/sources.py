@@ -7,7 +7,6 @@ digest; a hub id is downloaded by huggingface_hub where there is a network.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+from kwanzaa_adapter.safety.artifacts import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +62,8 @@ class ModelSource:
         """What the metadata records about the base model's origin."""
         out = {"reference": self.reference, "kind": self.kind, "revision": self.revision}
         if self.kind in ("packaged", "gguf"):
-            out["source_file_sha256"] = file_sha256(self.path)
+            out["source_file_sha256"] = sha256_file(self.path, follow_symlinks=True)[0]
         return out
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_root() -> Path:
@@ -122,7 +115,7 @@ def convert_gguf(gguf_path: Path) -> Path:
     transformers de-quantizes GGUF weights on load but refuses to save such a model, so the model
     is rebuilt from its config and the de-quantized state dict loaded into it by key set.
     """
-    digest = file_sha256(gguf_path)
+    digest = sha256_file(gguf_path, follow_symlinks=True)[0]
     target = cache_root() / "models" / f"{gguf_path.stem}-{digest[:16]}"
     if (target / CONVERSION_RECORD).is_file():
         return target

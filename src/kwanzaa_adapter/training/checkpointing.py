@@ -40,10 +40,10 @@ class RunIdentity:
 
     @classmethod
     def of_run(cls, config, baseline: dict) -> "RunIdentity":
-        from kwanzaa_adapter.modeling.sources import file_sha256
+        from kwanzaa_adapter.safety.artifacts import sha256_file
 
         files = {"train": config.data.train_file, "eval": config.data.eval_file}
-        return cls(config.digest(), {split: file_sha256(Path(path)) for split, path in files.items()},
+        return cls(config.digest(), {split: sha256_file(path, follow_symlinks=True)[0] for split, path in files.items()},
                    baseline["model_digest"])
 
     def write(self, directory: Path) -> None:

@@ -19,8 +19,7 @@ from kwanzaa_adapter.evaluation.behavior import COMPARISON_PLOT
 from kwanzaa_adapter.evaluation.runs import plot_comparison
 from kwanzaa_adapter.generation.evidence import EVIDENCE_FILE
 from kwanzaa_adapter.generation.gate import GATE_FILE
-from kwanzaa_adapter.modeling.sources import file_sha256
-from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact
+from kwanzaa_adapter.safety.artifacts import atomic_directory, seal_artifact, sha256_file
 from kwanzaa_adapter.safety.checksums import verify_adapter_state_dict
 from kwanzaa_adapter.safety.signing import SIGNATURE_NAME, private_key_fingerprint, sign_directory
 from kwanzaa_adapter.tracking.monitoring import plot_training_curves
@@ -74,7 +73,7 @@ def hardware(device: str) -> dict:
 
 
 def dataset_record(path: str, report: dict) -> dict:
-    return {"file": str(path), "sha256": file_sha256(Path(path)), **report}
+    return {"file": str(path), "sha256": sha256_file(path, follow_symlinks=True)[0], **report}
 
 
 def create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral=None,

@@ -17,7 +17,6 @@ from typing import Any, Literal
 MANIFEST_NAME = "checksums.json"
 # The OpenSSF model-signing signature (safety/signing.py): it covers checksums.json, which does not list it.
 SIGNATURE_NAME = "model.sig"
-CHUNK_SIZE = 1 << 20
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -73,18 +72,15 @@ def unsafe_path_reason(path: str) -> str | None:
     return None
 
 
-def sha256_file(path: str | Path, chunk_size: int = CHUNK_SIZE) -> tuple[str, int]:
-    """(hex digest, size) of a regular file, streamed; refuses to follow a symlink."""
-    hasher = hashlib.sha256()
-    size = 0
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    with os.fdopen(fd, "rb") as handle:
+def sha256_file(path: str | Path, *, follow_symlinks: bool = False) -> tuple[str, int]:
+    """(hex digest, size) of a regular file (`hashlib.file_digest`); refuses a symlink unless `follow_symlinks`
+    (an artifact's files never are one; a data file or model a user names may be). The project's one file hash."""
+    flags = os.O_RDONLY | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(os.open(path, flags), "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise ArtifactError(f"{path}: not a regular file")
-        while chunk := handle.read(chunk_size):
-            hasher.update(chunk)
-            size += len(chunk)
-    return hasher.hexdigest(), size
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+        return digest, handle.tell()
 
 
 def scan_directory(directory: Path) -> tuple[list[str], list[PathRejection]]:
