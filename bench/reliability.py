@@ -33,6 +33,12 @@
    invites (tests/reliability/signatures.py, `build_anchor_cases`): the forger's public key, in the run
    directory or the artifact, or copied out of there, offered as the trust anchor: refused with exit 2.
 
+5. The fast engine's trust (tests/reliability/engine_trust.py): the base's GGUF swapped into the adapter's
+   cache entry with its record rewritten (refused under `llama.cpp`, rebuilt under `auto`), an adapter
+   with another `lora_alpha` and the same tensors (never given the first one's entry), rows of a
+   continuous batch failing for another row's sake, and a gate swapped or removed while the adapter
+   loads. `--engine-only` runs this section alone (about a minute).
+
 Subprocesses run with OMP_NUM_THREADS=1. The last line printed is one JSON object.
 """
 
@@ -160,13 +166,33 @@ def server_flood(config: Path, artifact: Path):
     return result, schemas, alive
 
 
+def engine_trust(root: Path) -> dict[str, int]:
+    from tests.reliability.engine_trust import batch_failures_from_one_row, derived_cases, gate_swap_refused
+
+    root.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(root / "engine-model")
+    return {**derived_cases(root, model), "batch_failures_from_one_row": batch_failures_from_one_row(root),
+            "gate_swap_refused": gate_swap_refused(root, model)}
+
+
+def engine_trust_ok(figures: dict) -> bool:
+    return (figures["derived_swap_refused"] == 2 and figures["stale_derived_reused"] == 0
+            and figures["batch_failures_from_one_row"] == 0 and figures["gate_swap_refused"] == 2)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timers", type=int, default=DEFAULT_TIMERS,
                         help=f"trials killed at random moments of training (default {DEFAULT_TIMERS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
+    parser.add_argument("--engine-only", action="store_true", help="only section 5, the fast engine's trust")
     args = parser.parse_args()
     started = time.monotonic()
+    if args.engine_only:
+        with tempfile.TemporaryDirectory(prefix="kwanzaa-reliability-") as tmp:
+            figures = engine_trust(Path(tmp))
+        print(json.dumps(figures))
+        return 0 if engine_trust_ok(figures) else 1
     with tempfile.TemporaryDirectory(prefix="kwanzaa-reliability-") as tmp:
         root = Path(tmp)
         print("1. crash and resume", flush=True)
@@ -178,6 +204,8 @@ def main() -> int:
         print("4. signature attacks", flush=True)
         attacks, caught, missed = signature_attacks(root)
         anchors, anchors_missed = anchor_cases(root)
+        print("5. the fast engine's trust", flush=True)
+        engine = engine_trust(root / "engine")
 
     killed = [t for t in trials if t.killed]
     resumed, restarted, after_publish, unresolved = (
@@ -210,6 +238,7 @@ def main() -> int:
         "signature_caught": caught,
         "key_inside_artifact_cases": anchors,
         "key_inside_artifact_refused": anchors > 0 and not anchors_missed,
+        **engine,
     }
     authenticated, unauthenticated = flooded.statuses["authenticated"], flooded.statuses["unauthenticated"]
     print()
@@ -243,6 +272,12 @@ def main() -> int:
         ("  refused with exit 1 and the attack's reason, nothing loaded", caught, "all"),
         ("a key from the artifact or its run directory as trust anchor", anchors, ">= 6"),
         ("  refused with exit 2 and why, nothing loaded", anchors - len(anchors_missed), "all"),
+        ("derived GGUF swapped for the base's, record rewritten: refused / rebuilt", figures["derived_swap_refused"],
+         "2"),
+        ("cached GGUF reused for the same tensors with another lora_alpha", figures["stale_derived_reused"], "0"),
+        ("batch rows failed by another row (parted rows after joins, a failing sampler)",
+         figures["batch_failures_from_one_row"], "0"),
+        ("gate swapped or removed while the adapter loads: refused", figures["gate_swap_refused"], "2"),
     ]
     for name, value, required in rows:
         print(f"| {name} | {value} | {required} |")
@@ -268,7 +303,8 @@ def main() -> int:
           and figures["tracebacks"] == figures["hangs"] == 0 and not wrong_exit and not wrong_reason
           and figures["server_bad_requests_authenticated"] >= 200 and figures["server_errors"] == 0
           and alive and not flooded.failures and caught == attacks >= 7 and schemas.healthz_max_s < 1
-          and set(schemas.statuses) <= {200, 429} and figures["key_inside_artifact_refused"])
+          and set(schemas.statuses) <= {200, 429} and figures["key_inside_artifact_refused"]
+          and engine_trust_ok(figures))
     return 0 if ok else 1
 
 
