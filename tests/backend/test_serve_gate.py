@@ -51,10 +51,12 @@ def test_the_answer_route_applies_the_gate_and_reports_its_decision(server):
     assert server.get("/healthz").json()["gate"]["layer"] == 1
 
 
-def test_the_chat_route_applies_the_gate_unless_the_client_brings_its_own_format(server):
+def test_the_chat_route_says_why_the_gate_did_not_act_on_free_text_or_a_clients_own_format(server):
     messages = [{"role": "user", "content": "When is Kwanzaa?"}]
     plain = server.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6}).json()
-    assert plain["gate"]["applied"] is True and plain["gate"]["decision"] == "refuse"
+    # The tiny random model writes free text: a decision the gate made could not act, and the reply says so.
+    assert plain["gate"]["applied"] is False and "free text" in plain["gate"]["reason"]
+    assert "decision" not in plain["gate"]
     own = server.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6,
                                                      "response_format": {"type": "json_object"}}).json()
     assert own["gate"] == {"applied": False, "reason": "the request brings its own response_format"}

@@ -188,6 +188,12 @@ def agrees(text: str, refuse: bool) -> bool:
     return True
 
 
+def reached_decision(text: str) -> bool:
+    """Whether an output reached a value the decision holds (the answer's text or its completeness). A reply
+    in free text never does: on it the gate's decision could not act."""
+    return _value_after(text, TEXT_KEY) is not None or _value_after(text, COMPLETENESS_KEY) is not None
+
+
 def _missing(text: str, refuse: bool) -> str | None:
     """The decided words the output has not written yet, where it stands inside a forced value."""
     value = _value_after(text, COMPLETENESS_KEY)

@@ -28,6 +28,7 @@ from kwanzaa_adapter.backend.serving.schemas import (
 )
 from kwanzaa_adapter.backend.serving.tickets import Event, Ticket
 from kwanzaa_adapter.data.records import render_user_turn
+from kwanzaa_adapter.generation.gate import reached_decision
 
 
 def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, options: ServeOptions) -> FastAPI:
@@ -95,13 +96,22 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = await pending.text(request)
         metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
-        gate = {"gate": {"applied": True, **pending.ticket.gate}} if pending.ticket.gate is not None else {}
+        gate = {"gate": gate_report(pending.ticket.gate, text)} if pending.ticket.gate is not None else {}
         return {**completion, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": pending.ticket.finish_reason}],
                 "usage": pending.usage(), **gate}
 
     return app
+
+
+def gate_report(decision: dict, text: str) -> dict:
+    """What the gate did to a chat reply: its decision where the reply reached the answer contract's values it
+    holds, else that it could not act (a free-text reply: no decision to report)."""
+    if reached_decision(text):
+        return {"applied": True, **decision}
+    return {"applied": False, "reason": "the reply is free text, not the answer contract: the gate's decision "
+                                        "had nothing to hold"}
 
 
 def chat_messages(body: ChatCompletionRequest, system_prompt: str, default_system_prompt: bool) -> list[dict]:
