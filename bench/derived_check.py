@@ -42,7 +42,7 @@ def main() -> int:
             check = choice.record["logit_check"]
             seconds.append(check["seconds"])
             loads.append(check["load_seconds"])
-            choice.engine.close()
+            choice.llamacpp.close()
         print(json.dumps({"bench": "derived_check", "variant": label, "cpu_class": cpu_class(),
                           "precision": served.precision.resolved, "quant": check["quant"],
                           "check_seconds_median": statistics.median(seconds), "check_seconds": seconds,

@@ -231,7 +231,7 @@ def run_on(served, items, engine, gate):
     grammar = SchemaGrammar(served.tokenizer) if settings.constrained_decoding else None
     return evaluate(served.model, served.tokenizer, items, max_new_tokens=settings.max_new_tokens,
                     batch_size=settings.batch_size, label="bench", progress=False, grammar=grammar, gate=gate,
-                    engine=engine)
+                    llamacpp=engine)
 
 
 def differing_records(reference_rows: list[dict], fast_rows: list[dict]) -> dict[str, int]:
@@ -307,13 +307,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     served, choice, q8 = load(args)
-    engine = choice.engine
+    engine = choice.llamacpp
     print(f"artifact {args.adapter}; CPU class {cpu_class()}; reference: 4-bit NF4 base + LoRA computing in "
           f"{served.precision.resolved}; fast: {choice.name}, {args.threads} threads; llama-bench on {q8.name}",
           flush=True)
     result = {"engine": choice.name}
     if not args.skip_speed:
-        result.update(measure_speed(served, engine, q8.engine, args))
+        result.update(measure_speed(served, engine, q8.llamacpp, args))
         result["fast_vs_llamacpp"] = round(result["fast_tok_s"] / result["llamacpp_tok_s"], 3)
         result["fast_q8_0_vs_llamacpp"] = round(result["fast_q8_0_tok_s"] / result["llamacpp_tok_s"], 3)  # same file
         result["fast_vs_reference"] = round(result["fast_tok_s"] / result["reference_tok_s"], 2)
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
         wanted = args.gates.split(",")
         gates = ({"gate_off": None} if "off" in wanted else {}) | (
             {"gate_on": served.gate} if served.gate is not None and "on" in wanted else {})
-        fast_engines = {"fast": engine, "fast_q8_0": q8.engine}
+        fast_engines = {"fast": engine, "fast_q8_0": q8.llamacpp}
         for name, gate in gates.items():
             for label, path in (("eval", Path(served.config.data.eval_file)), ("second", SECOND_SET)):
                 measured = agreement(served, fast_engines, path, gate)

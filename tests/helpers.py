@@ -1,5 +1,5 @@
 """Helpers that tests of several layers share: a served app on a loopback port, a prompt's token ids, an
-event collector for the batch engine, a grammar check, a simulated crash during training, and a small
+event collector for the request batcher, a grammar check, a simulated crash during training, and a small
 sealed artifact."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def running(app):
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
-        app.state.engine.close(0)
+        app.state.batcher.close(0)
 
 
 def prompt_ids(tokenizer, question: str) -> list[int]:

@@ -1,4 +1,4 @@
-"""The serving batch engine: batched greedy outputs equal one-at-a-time ones, each row with its own
+"""The serving request batcher: batched greedy outputs equal one-at-a-time ones, each row with its own
 limit and its own stop; a bounded queue, deadlines, cancellation and shutdown."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import build_tiny_model
 from helpers import Collector, prompt_ids
-from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.batching import RequestBatcher
 from kwanzaa_adapter.backend.serving.tickets import QueueFull, QueueTimeout, ShuttingDown, Ticket
 
 QUESTIONS = ["When is Kwanzaa?", "Who created Kwanzaa, and in which year was it first celebrated?",
@@ -23,7 +23,7 @@ def tiny(tokenizer):
     return build_tiny_model("llama", len(tokenizer), seed=3)
 
 
-def run(engine: BatchEngine, tokenizer, limits: list[int], questions=QUESTIONS) -> list[Ticket]:
+def run(engine: RequestBatcher, tokenizer, limits: list[int], questions=QUESTIONS) -> list[Ticket]:
     tickets = [Ticket(prompt_ids(tokenizer, q), n, Collector()) for q, n in zip(questions, limits)]
     for ticket in tickets:
         engine.submit(ticket)
@@ -34,11 +34,11 @@ def run(engine: BatchEngine, tokenizer, limits: list[int], questions=QUESTIONS) 
 
 def test_batched_greedy_outputs_equal_one_at_a_time(tiny, tokenizer):
     limits = [12, 5, 9, 16, 3]  # each request its own max_tokens; prompts of different lengths
-    single = BatchEngine(tiny, tokenizer, max_batch_size=1)
+    single = RequestBatcher(tiny, tokenizer, max_batch_size=1)
     alone = run(single, tokenizer, limits)
     single.close()
     batches = []
-    engine = BatchEngine(tiny, tokenizer, max_batch_size=8, gather_s=0.5,
+    engine = RequestBatcher(tiny, tokenizer, max_batch_size=8, gather_s=0.5,
                          on_batch=lambda tickets, seconds: batches.append(len(tickets)))
     together = run(engine, tokenizer, limits)
     engine.close()
@@ -51,7 +51,7 @@ def test_batched_greedy_outputs_equal_one_at_a_time(tiny, tokenizer):
 
 
 def test_a_full_queue_refuses_with_a_retry_hint_and_a_stale_request_times_out(tiny, tokenizer):
-    engine = BatchEngine(tiny, tokenizer, max_batch_size=1, max_queue=2, queue_timeout_s=0.3)
+    engine = RequestBatcher(tiny, tokenizer, max_batch_size=1, max_queue=2, queue_timeout_s=0.3)
     hold = threading.Event()
     engine.submit(Ticket(prompt_ids(tokenizer, "hold"), 1, lambda event: hold.wait(10)))  # occupies the worker
     time.sleep(0.3)
@@ -70,7 +70,7 @@ def test_a_full_queue_refuses_with_a_retry_hint_and_a_stale_request_times_out(ti
 
 
 def test_a_cancelled_request_leaves_its_batch_and_the_others_finish(tiny, tokenizer):
-    engine = BatchEngine(tiny, tokenizer, max_batch_size=4, gather_s=0.5)
+    engine = RequestBatcher(tiny, tokenizer, max_batch_size=4, gather_s=0.5)
     gone = Ticket(prompt_ids(tokenizer, QUESTIONS[0]), 40, Collector())
     stays = Ticket(prompt_ids(tokenizer, QUESTIONS[1]), 40, Collector())
     first = threading.Event()
@@ -91,7 +91,7 @@ def test_a_cancelled_request_leaves_its_batch_and_the_others_finish(tiny, tokeni
 
 
 def test_shutdown_refuses_new_requests_and_ends_late_ones_with_an_error(tiny, tokenizer):
-    engine = BatchEngine(tiny, tokenizer, max_batch_size=1)
+    engine = RequestBatcher(tiny, tokenizer, max_batch_size=1)
     slow = Ticket(prompt_ids(tokenizer, QUESTIONS[3]), 10_000, Collector())
     slow.emit = _slowed(slow.emit)
     engine.submit(slow)

@@ -12,7 +12,7 @@ from tiny_artifact import copy_artifact, flip_last_byte, tiny_artifact  # noqa: 
 
 from kwanzaa_adapter.backend.gguf_export import GGUF_REQUIRED, export_gguf
 from kwanzaa_adapter.backend.models import model_from_config
-from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.batching import RequestBatcher
 from kwanzaa_adapter.backend.serving.tickets import Ticket
 from kwanzaa_adapter.cli import main
 from kwanzaa_adapter.config import load_training_config
@@ -77,7 +77,7 @@ def test_serving_batches_on_the_fast_engine_equal_the_reference(both, tokenizer)
     limits = [9, 4, 12]
     outcomes = []
     for model in both:
-        engine = BatchEngine(model.model, model.tokenizer, max_batch_size=8, gather_s=0.3, fast=model.fast)
+        engine = RequestBatcher(model.model, model.tokenizer, max_batch_size=8, gather_s=0.3, fast=model.fast)
         tickets = [Ticket(prompt_ids(tokenizer, q), n, Collector()) for q, n in zip(QUESTIONS, limits)]
         for ticket in tickets:
             engine.submit(ticket)
@@ -94,7 +94,7 @@ def test_requests_that_arrive_during_a_fast_batch_join_it_and_answer_as_they_do_
     the next batch, and the short one behind it is not let pass."""
     _, fast = both
     # An engine of its own: its context is sized by this test's prompts only.
-    engine = BatchEngine(fast.model, fast.tokenizer, max_batch_size=4, gather_s=0, fast=LlamaCppEngine(fast.fast.path))
+    engine = RequestBatcher(fast.model, fast.tokenizer, max_batch_size=4, gather_s=0, fast=LlamaCppEngine(fast.fast.path))
     runs = queue.Queue()  # the size of each batch run, as it ends
     engine.on_batch = lambda tickets, seconds: runs.put(len(tickets))
     long_question = "Tell me, with every detail the documents hold, " * 6 + QUESTIONS[2]
@@ -180,7 +180,7 @@ def test_gated_serving_batches_on_the_fast_engine_decide_as_the_reference(both, 
                              features.std(0) + 1e-3)
     outcomes = []
     for model, engine in ((reference, None), (fast, LlamaCppEngine(fast.fast.path, gate_layer=1))):
-        batcher = BatchEngine(model.model, model.tokenizer, max_batch_size=8, gather_s=0.3, gate=gate, fast=engine)
+        batcher = RequestBatcher(model.model, model.tokenizer, max_batch_size=8, gather_s=0.3, gate=gate, fast=engine)
         tickets = [Ticket(i, 10, Collector(), gated=n != 1) for n, i in enumerate(ids)]  # the second ungated
         for ticket in tickets:
             batcher.submit(ticket)

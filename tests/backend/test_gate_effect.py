@@ -1,4 +1,4 @@
-"""What the gate does where users meet it: through the serving batch engine, on both engines, a forced refusal
+"""What the gate does where users meet it: through the serving request batcher, on both engines, a forced refusal
 is written as the contract's refusal and a forced answer is not; a decision is reported as applied only where a
 reply reached the values it holds."""
 
@@ -12,7 +12,7 @@ from tiny_artifact import tiny_artifact  # noqa: F401
 
 from kwanzaa_adapter.backend.models import model_from_config
 from kwanzaa_adapter.backend.serving.app import gate_report
-from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.batching import RequestBatcher
 from kwanzaa_adapter.backend.serving.tickets import Ticket
 from kwanzaa_adapter.config import load_training_config
 from kwanzaa_adapter.data.records import Document
@@ -35,7 +35,7 @@ def served(request, gated_artifact, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("refuse", [True, False])
 def test_a_forced_decision_holds_the_answer_text_on_both_engines(served, refuse):
     gate = dataclasses.replace(served.gate, threshold=-1.0 if refuse else 2.0)  # refuses all / none
-    engine = BatchEngine(served.model, served.tokenizer, gather_s=0, gate=gate, fast=served.fast)
+    engine = RequestBatcher(served.model, served.tokenizer, gather_s=0, gate=gate, fast=served.fast)
     try:
         ids = served.encode(served.prompt_for("When is Kwanzaa celebrated?", DOCUMENTS), 60)
         ticket = Ticket(ids, 60, Collector(), constraint=served.contract_grammar.constraint(), gated=True)

@@ -35,8 +35,8 @@ def served(request, tiny_artifact, tmp_path_factory):  # noqa: F811
         f"inference.engine={request.param}", "inference.quant=f16", f"inference.cache_dir={cache}")), adapter=artifact)
     assert (model.fast is None) == (request.param == "reference")
     app = create_app(model, options=ServeOptions(gather_ms=300))
-    sizes, batch_done = [], app.state.engine.on_batch
-    app.state.engine.on_batch = lambda tickets, seconds: (sizes.append(len(tickets)), batch_done(tickets, seconds))
+    sizes, batch_done = [], app.state.batcher.on_batch
+    app.state.batcher.on_batch = lambda tickets, seconds: (sizes.append(len(tickets)), batch_done(tickets, seconds))
     with running(app) as url:
         yield model, url, sizes
 

@@ -1,5 +1,5 @@
 """Contract-constrained decoding (llguidance): every generated token stays inside the contract grammar,
-in evaluation's batched `generate` and in the serving batch engine; a complete answer parses."""
+in evaluation's batched `generate` and in the serving request batcher; a complete answer parses."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT, build_tiny_model
 from helpers import Collector, inside_grammar, prompt_ids
-from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.batching import RequestBatcher
 from kwanzaa_adapter.backend.serving.tickets import Ticket
 from kwanzaa_adapter.contract import parse_answer
 from kwanzaa_adapter.generation.decoding import generate
@@ -51,7 +51,7 @@ def test_every_gold_answer_of_the_eval_split_is_a_complete_sentence_of_the_gramm
 
 
 def test_the_batch_engine_applies_a_constraint_to_its_row_only(tiny, tokenizer, grammar):
-    engine = BatchEngine(tiny, tokenizer, max_batch_size=4, gather_s=0.5)
+    engine = RequestBatcher(tiny, tokenizer, max_batch_size=4, gather_s=0.5)
     held = Ticket(prompt_ids(tokenizer, "When is Kwanzaa?"), 20, Collector(), constraint=grammar.constraint())
     free = Ticket(prompt_ids(tokenizer, "When is Kwanzaa?"), 20, Collector())
     engine.submit(held)

@@ -68,9 +68,9 @@ def test_a_swapped_derived_model_is_rebuilt_under_auto(adapted, tokenizer, tiny_
     with caplog.at_level("WARNING"):
         choice = engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=True)
     assert "is not the verified model" in caplog.text and "rebuilding it" in caplog.text
-    assert choice.engine is not None and choice.record["logit_check"]["passed"]
+    assert choice.llamacpp is not None and choice.record["logit_check"]["passed"]
     assert sha256_file(path)[0] == genuine  # the entry holds the adapter's model again
-    choice.engine.close()
+    choice.llamacpp.close()
 
 
 def test_a_swapped_derived_model_is_refused_when_llamacpp_is_required(adapted, tokenizer, tiny_model_dir, tmp_path,
@@ -86,7 +86,7 @@ def test_the_check_passes_the_base_variant_and_records_its_cost(adapted, tokeniz
     choice = engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=False)
     check = choice.record["logit_check"]
     assert check["passed"] and check["positions"] > 20 and 0 < check["seconds"] < 2
-    choice.engine.close()
+    choice.llamacpp.close()
 
 
 def test_the_same_tensors_with_another_alpha_do_not_reuse_the_entry(tokenizer, cache):
@@ -135,4 +135,4 @@ def test_a_cache_that_cannot_be_written_falls_back_to_the_reference(adapted, tok
     blocked.write_text("not a folder\n")
     config = _config(tmp_path, tiny_model_dir, "auto", blocked)
     choice = engines.choose_engine(config, adapted, tokenizer, base_digest="tiny", with_adapter=True)
-    assert choice.engine is None and "cannot derive the fast engine's model" in choice.reason
+    assert choice.llamacpp is None and "cannot derive the fast engine's model" in choice.reason

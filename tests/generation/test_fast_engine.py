@@ -59,7 +59,7 @@ def test_fast_engine_decodes_the_reference_tokens_in_batches(adapted, tokenizer,
     engine = LlamaCppEngine(merged_f16)
     settings = dict(max_new_tokens=16, batch_size=2, progress=False)
     reference = generate(adapted, tokenizer, _prompts(), **settings)
-    fast = generate(adapted, tokenizer, _prompts(), **settings, engine=engine)
+    fast = generate(adapted, tokenizer, _prompts(), **settings, llamacpp=engine)
     assert fast.token_ids == reference.token_ids
     assert fast.outputs == reference.outputs and fast.new_tokens == reference.new_tokens
 
@@ -89,12 +89,12 @@ def test_gate_features_come_from_the_engine_and_match_the_reference(adapted, tok
                                  features.std(0) + 1e-3)
         reference = generate(adapted, tokenizer, _prompts(), max_new_tokens=6, batch_size=3, progress=False, gate=gate)
         fast = generate(adapted, tokenizer, _prompts(), max_new_tokens=6, batch_size=3, progress=False, gate=gate,
-                        engine=LlamaCppEngine(merged_f16, gate_layer=layer))
+                        llamacpp=LlamaCppEngine(merged_f16, gate_layer=layer))
         assert fast.refuse == reference.refuse
         assert fast.refuse_probabilities == pytest.approx(reference.refuse_probabilities, abs=0.02)
         with pytest.raises(ValueError, match="without a tap"):
             generate(adapted, tokenizer, _prompts(), max_new_tokens=2, batch_size=3, progress=False, gate=gate,
-                     engine=LlamaCppEngine(merged_f16, gate_layer=3 - layer))
+                     llamacpp=LlamaCppEngine(merged_f16, gate_layer=3 - layer))
 
 
 def _versus_reference(model, tokenizer, gguf) -> tuple[float, float, float, bool]:
@@ -107,7 +107,7 @@ def _versus_reference(model, tokenizer, gguf) -> tuple[float, float, float, bool
     fast = engine.prompt_logits(prompt)[:, : reference.shape[-1]]
     settings = dict(max_new_tokens=16, batch_size=1, progress=False)
     same_tokens = (generate(model, tokenizer, _prompts()[1:2], **settings).token_ids
-                   == generate(model, tokenizer, _prompts()[1:2], **settings, engine=engine).token_ids)
+                   == generate(model, tokenizer, _prompts()[1:2], **settings, llamacpp=engine).token_ids)
     return (float((fast - reference).abs().max()), GGUF_TOLERANCE["f16"] * float(reference.abs().max()),
             float((fast.argmax(-1) == reference.argmax(-1)).float().mean()), same_tokens)
 

@@ -64,9 +64,9 @@ def derived_cases(root: Path, model_dir: Path) -> dict[str, int]:
         except DerivationError:
             refused += engine == "llama.cpp"
             continue
-        refused += engine == "auto" and choice.engine is not None and sha256_file(path)[0] == genuine
-        if choice.engine is not None:
-            choice.engine.close()
+        refused += engine == "auto" and choice.llamacpp is not None and sha256_file(path)[0] == genuine
+        if choice.llamacpp is not None:
+            choice.llamacpp.close()
     first = derived_gguf(_adapted(tokenizer, 8), tokenizer, with_adapter=True, **options)[0]
     other = derived_gguf(_adapted(tokenizer, 16), tokenizer, with_adapter=True, **options)[0]
     return {"derived_swap_refused": refused, "stale_derived_reused": int(first == other)}

@@ -113,7 +113,7 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
     adapter, gated_run = None, None
     if with_adapter:
         fast = engines["adapter"]
-        if gated and fast.engine is not None:  # one pass for both: each prompt pre-filled once
+        if gated and fast.llamacpp is not None:  # one pass for both: each prompt pre-filled once
             adapter, gated_run = evaluate_with_and_without_gate(model, tokenizer, items, gate=gate, choice=fast,
                                                                 grammar=grammar, **options)
         else:

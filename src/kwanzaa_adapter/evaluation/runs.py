@@ -42,17 +42,17 @@ class EvalRun:
 def evaluate(
     model, tokenizer, items: Sequence[EvalItem], *, max_new_tokens: int, batch_size: int, label: str,
     progress: bool = True, grammar: SchemaGrammar | None = None, gate: AnswerabilityGate | None = None,
-    forced: Sequence[bool] | None = None, engine=None, engine_name: str = "reference",
+    forced: Sequence[bool] | None = None, llamacpp=None, engine_name: str = "reference",
 ) -> EvalRun:
     """Generate for every item, score each output with `metrics.score_example`, aggregate the rates.
 
     With a `gate` (or `forced` decisions) each row records the decision held and the gate's P(refuse).
-    With an `engine` (the fast one, see `generation.engines`) it generates; each row names the engine.
+    With `llamacpp` (the fast engine, see `generation.engines`) it generates; each row names the engine.
     """
     result = generate(
         model, tokenizer, [item.prompt for item in items],
         max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, grammar=grammar,
-        gate=gate, forced=forced, engine=engine,
+        gate=gate, forced=forced, llamacpp=llamacpp,
     )
     return scored_run(items, result.outputs, label, result.refuse, result.refuse_probabilities,
                       result.tokens_per_second, engine_name)
@@ -77,24 +77,24 @@ def _row(item: EvalItem, output: str, label: str, refuse: bool | None = None, pr
             "decision": decision_label(refuse), "refuse_probability": probability, **verdict}
 
 
-def evaluate_base(peft_model, tokenizer, items: Sequence[EvalItem], *, label: str = "base", engine=None,
+def evaluate_base(peft_model, tokenizer, items: Sequence[EvalItem], *, label: str = "base", llamacpp=None,
                   **settings) -> EvalRun:
     """The base model (the adapter disabled, on the reference path; the fast engine's base is a model of
     its own) on the items, with `evaluate`'s `settings`."""
     with peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext():
-        return evaluate(peft_model, tokenizer, items, label=label, engine=engine, **settings)
+        return evaluate(peft_model, tokenizer, items, label=label, llamacpp=llamacpp, **settings)
 
 
 def evaluate_with_and_without_gate(
     model, tokenizer, items: Sequence[EvalItem], *, gate: AnswerabilityGate, choice, max_new_tokens: int,
     batch_size: int, progress: bool = True, grammar: SchemaGrammar | None = None, labels=("adapter", "adapter+gate"),
 ) -> tuple[EvalRun, EvalRun]:
-    """The adapter without and with its gate in one pass of the fast engine (`choice.engine`): each
+    """The adapter without and with its gate in one pass of the fast engine (`choice.llamacpp`): each
     prompt is pre-filled once for both, and the two rows of a prompt decode side by side."""
     from kwanzaa_adapter.generation.decoding import _encode, end_of_turn_ids
 
     encoded = [_encode(tokenizer, item.prompt) for item in items]
-    result = choice.engine.generate(
+    result = choice.llamacpp.generate(
         tokenizer, encoded + encoded, max_new_tokens=max_new_tokens, batch_size=2 * batch_size,
         stop_ids=end_of_turn_ids(model, tokenizer), progress=progress, grammar=grammar, gate=gate,
         gated=[False] * len(items) + [True] * len(items))
@@ -131,7 +131,7 @@ def select_evidence(model, tokenizer, run: EvalRun, items: Sequence[EvalItem], s
 
 def engine_arguments(choice) -> dict:
     """`evaluate`'s engine arguments for an `EngineChoice` (none: the reference path)."""
-    return {} if choice is None else {"engine": choice.engine, "engine_name": choice.name}
+    return {} if choice is None else {"llamacpp": choice.llamacpp, "engine_name": choice.name}
 
 
 # --------------------------------------------------------------------------- reports

@@ -49,7 +49,7 @@ def generate(
     grammar: SchemaGrammar | None = None,
     gate: AnswerabilityGate | None = None,
     forced: Sequence[bool] | None = None,
-    engine=None,
+    llamacpp=None,
 ) -> GenerationResult:
     """Greedy, batched decoding of chat prompts; outputs come back in prompt order.
 
@@ -57,14 +57,14 @@ def generate(
     token, and only the new tokens are decoded and counted (padding after it is not). With a
     `grammar`, every output is held to the answer contract (constrained decoding). With a `gate`,
     each answer's decision (answer or refuse) is the gate's, read from the prefill; with `forced`,
-    it is given (True = refuse, one per prompt). With an `engine` (`llamacpp.LlamaCppEngine`, on a
+    it is given (True = refuse, one per prompt). With `llamacpp` (a `llamacpp.LlamaCppEngine`, on a
     model derived from `model`), it decodes the same prompt tokens in the same way.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1; got {batch_size} and {max_new_tokens}")
     encoded = [_encode(tokenizer, prompt) for prompt in prompts]
-    if engine is not None:
-        return engine.generate(tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    if llamacpp is not None:
+        return llamacpp.generate(tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                stop_ids=end_of_turn_ids(model, tokenizer), progress=progress, grammar=grammar,
                                gate=gate, forced=forced)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)

@@ -44,9 +44,10 @@ def resolve_quant(setting: str) -> str:
 
 @dataclass
 class EngineChoice:
-    """The engine a run uses (None: the reference), its name, and why the reference runs if it does."""
+    """The engine a run uses: `llamacpp`, the fast engine (None: the reference); its name; why the reference runs
+    if it does."""
 
-    engine: LlamaCppEngine | None
+    llamacpp: LlamaCppEngine | None
     name: str
     reason: str | None = None
     record: dict | None = None  # the derived model's record (sources, sha256), fast path only

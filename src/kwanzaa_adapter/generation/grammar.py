@@ -6,7 +6,7 @@ order, as training renders it). `SchemaGrammar` compiles a schema (the contract'
 a client's `response_format`, under `CLIENT_SCHEMA_LIMITS`) for one tokenizer; `constraint()` hands out
 one matcher per answer, a copy of the compiled one.
 `ContractLogits` applies them to a batch inside `model.generate` (evaluation, `generate`); the
-serving batch engine drives the same constraints through its own per-row bookkeeping.
+serving request batcher drives the same constraints through its own per-row bookkeeping.
 """
 
 from __future__ import annotations

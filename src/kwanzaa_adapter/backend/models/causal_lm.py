@@ -222,7 +222,7 @@ class CausalLMModel:
         self.lock = threading.Lock()  # one model: generations run one at a time
 
     @functools.cached_property
-    def engine(self) -> EngineChoice:
+    def engine_choice(self) -> EngineChoice:
         """The fast engine (inference.engine) of this verified model, derived when first asked for (eval never asks)."""
         return choose_engine(self.config, self.model, self.tokenizer, base_digest=self.base_digest,
                              with_adapter=self.adapter is not None,
@@ -231,7 +231,7 @@ class CausalLMModel:
     @property
     def fast(self):
         """The fast engine (`generation.llamacpp.LlamaCppEngine`), or None where the reference generates."""
-        return self.engine.engine
+        return self.engine_choice.llamacpp
 
     def check_model_type(self, model) -> None:
         model_type = getattr(model.config, "model_type", None)
@@ -257,7 +257,7 @@ class CausalLMModel:
                 "gate": self.gate.describe() if self.gate is not None else None,
                 "evidence": {"selector": self.selector.describe() if self.selector else None,
                              **self.config.evidence.model_dump(exclude={"fit"})},
-                "engine": self.engine.describe()}
+                "engine": self.engine_choice.describe()}
 
     # --- answers
 
@@ -310,7 +310,7 @@ class CausalLMModel:
                               max_new_tokens=max_new_tokens or self.config.evaluation.max_new_tokens,
                               batch_size=self.config.evaluation.batch_size, progress=progress,
                               grammar=self.contract_grammar if constrained else None, gate=self.gate,
-                              engine=self.fast)
+                              llamacpp=self.fast)
         verdicts = [gate_verdict(refuse, p) for refuse, p in zip(result.refuse, result.refuse_probabilities)] \
             if self.gate is not None else [None] * len(prompts)
         return [AnswerResult.from_output(raw, verdict) for raw, verdict in zip(result.outputs, verdicts)]

@@ -1,4 +1,4 @@
-"""The FastAPI app of `kwanzaa-adapter serve`: routes over the batch engine (see `server`)."""
+"""The FastAPI app of `kwanzaa-adapter serve`: routes over the request batcher (see `server`)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kwanzaa_adapter.backend.models.causal_lm import AnswerResult, CausalLMModel
-from kwanzaa_adapter.backend.serving.batching import BatchEngine
+from kwanzaa_adapter.backend.serving.batching import RequestBatcher
 from kwanzaa_adapter.backend.serving.guard import RequestGuard, error_response, rejection
 from kwanzaa_adapter.backend.serving.metrics import ServeMetrics
 from kwanzaa_adapter.backend.serving.schema_cache import SchemaCache
@@ -32,16 +32,16 @@ from kwanzaa_adapter.generation.gate import reached_decision
 
 
 def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, options: ServeOptions) -> FastAPI:
-    engine = BatchEngine(model.model, model.tokenizer, max_batch_size=options.max_batch_size,
+    batcher = RequestBatcher(model.model, model.tokenizer, max_batch_size=options.max_batch_size,
                          max_queue=options.max_queue, queue_timeout_s=options.queue_timeout_s,
                          gather_s=options.gather_ms / 1000, lock=model.lock, gate=model.gate,
                          fast=model.fast)
-    metrics = ServeMetrics(lambda: engine.queue_depth, lambda: engine.in_flight)
-    engine.on_batch = metrics.batch_done
+    metrics = ServeMetrics(lambda: batcher.queue_depth, lambda: batcher.in_flight)
+    batcher.on_batch = metrics.batch_done
     grammars = SchemaCache(model, limits, options)
     model.contract_grammar  # noqa: B018 - compiled now (about half a second), not in the first request
     app = FastAPI(title="kwanzaa-adapter", version=importlib.metadata.version("kwanzaa-adapter"))
-    app.state.engine, app.state.metrics, app.state.grammars = engine, metrics, grammars
+    app.state.batcher, app.state.metrics, app.state.grammars = batcher, metrics, grammars
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=limits.max_body_bytes, on_answer=metrics.answered)
     _install_error_handlers(app)
 
@@ -49,12 +49,12 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
     def healthz(request: Request) -> JSONResponse:
         # Open to all: alive and ready. Paths, digests, verification and the queue: to holders of the key
         # (with no key configured, every route is open, and so are they).
-        ready = engine.ready
+        ready = batcher.ready
         body = {"status": "ok" if ready else "shutting_down", "ready": ready}
         if request.state.authorized:
             body |= {"model": model.name, **model.describe(),
-                     "queue": {"depth": engine.queue_depth, "in_flight": engine.in_flight,
-                               "max_batch_size": engine.max_batch_size, "max_queue": engine.max_queue}}
+                     "queue": {"depth": batcher.queue_depth, "in_flight": batcher.in_flight,
+                               "max_batch_size": batcher.max_batch_size, "max_queue": batcher.max_queue}}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/metrics")
@@ -67,7 +67,7 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
         check_answer_request(body, limits)
         tokens = generation_limit(body.max_new_tokens, model, limits, "max_new_tokens")
         ids = model.encode(model.prompt_for(body.question, body.documents), tokens)
-        pending = Pending(engine, ids, tokens, constraint=grammars.contract() if body.constrained else None,
+        pending = Pending(batcher, ids, tokens, constraint=grammars.contract() if body.constrained else None,
                           gated=model.gate is not None)
         text = await pending.text(request)
         metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
@@ -84,7 +84,7 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
         # decision, stays out of it, and the reply says so.
         own_format = body.response_format is not None and body.response_format.type != "text"
         constraint = await grammars.for_format(body.response_format)  # compiled off the event loop
-        pending = Pending(engine, ids, tokens, body.temperature, body.top_p, constraint,
+        pending = Pending(batcher, ids, tokens, body.temperature, body.top_p, constraint,
                           gated=model.gate is not None and not own_format, stop=body.stop_sequences, seed=body.seed)
         completion = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.name}
         if model.gate is not None and own_format:
@@ -134,15 +134,15 @@ class ClientGone(Exception):
 
 
 class Pending:
-    """One request in the batch engine, seen from the event loop."""
+    """One request in the request batcher, seen from the event loop."""
 
-    def __init__(self, engine: BatchEngine, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+    def __init__(self, batcher: RequestBatcher, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, constraint=None, gated: bool = False, stop: tuple[str, ...] = (),
                  seed: int | None = None):
         self.loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
         self.ticket = Ticket(ids, max_new_tokens, self._emit, temperature, top_p, constraint, gated=gated, stop=stop,
                              seed=seed)
-        engine.submit(self.ticket)  # QueueFull / ShuttingDown: the error handlers answer 429 / 503
+        batcher.submit(self.ticket)  # QueueFull / ShuttingDown: the error handlers answer 429 / 503
 
     def _emit(self, event: Event) -> None:
         try:

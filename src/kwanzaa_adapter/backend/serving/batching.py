@@ -2,7 +2,7 @@
 
 A request is a `Ticket`: prompt ids, its own `max_new_tokens`, its own sampling settings and random
 state (`seed`), its own stop sequences, an optional constraint (a grammar that decides which tokens
-may come next) and an `emit` callback. `BatchEngine` runs one worker thread: it takes the oldest
+may come next) and an `emit` callback. `RequestBatcher` runs one worker thread: it takes the oldest
 waiting ticket, waits at most `gather_s` for company, and generates up to `max_batch_size` tickets
 together (left padding, one `model.generate`; or the fast engine). Each row chooses its own tokens:
 greedy, or sampled from its own generator, so that a seeded answer is the same alone or in any
@@ -44,8 +44,8 @@ class _Rows(BaseStreamer):
     """The batch's per-row bookkeeping, hooked into `generate` three ways: tokens arrive (streamer),
     rows end (stopping criteria), constraints mask the next token (logits processor)."""
 
-    def __init__(self, engine: BatchEngine, batch: list[Ticket]):
-        self.engine, self.batch, self.prompt_seen = engine, batch, False
+    def __init__(self, batcher: RequestBatcher, batch: list[Ticket]):
+        self.batcher, self.batch, self.prompt_seen = batcher, batch, False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() hands the streamer the prompt first
@@ -55,14 +55,14 @@ class _Rows(BaseStreamer):
         for ticket, token in zip(self.batch, value.reshape(-1).tolist()):
             if ticket.finished:
                 continue
-            if token in self.engine.stop_ids:
+            if token in self.batcher.stop_ids:
                 ticket.finish("stop")
                 continue
             ticket.ids.append(token)
             ticket.first_token_at = ticket.first_token_at or now
             if ticket.constraint is not None:
                 ticket.constraint.advance(token)
-            self.engine.emit_text(ticket)
+            self.batcher.emit_text(ticket)
             if len(ticket.ids) >= ticket.max_new_tokens:
                 ticket.finish("length")
             elif ticket.constraint is not None and ticket.constraint.done:
@@ -72,7 +72,7 @@ class _Rows(BaseStreamer):
         pass
 
     def stopped(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
-        aborting = self.engine.aborting
+        aborting = self.batcher.aborting
         for ticket in self.batch:
             if ticket.cancelled:
                 ticket.finish("cancelled")
@@ -128,7 +128,7 @@ def _recorder(batch: list[Ticket]):
     return record
 
 
-class BatchEngine:
+class RequestBatcher:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int = 64,
                  queue_timeout_s: float = 60.0, gather_s: float = 0.005, on_batch: Callable | None = None,
                  lock: threading.Lock | None = None, gate: AnswerabilityGate | None = None, fast=None):
@@ -149,7 +149,7 @@ class BatchEngine:
         self._closing = False
         self._abort_at: float | None = None
         self._seconds_per_batch = 1.0  # a running estimate, for Retry-After
-        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="request-batcher", daemon=True)
         self._thread.start()
 
     # --- the client side
@@ -208,7 +208,7 @@ class BatchEngine:
             try:
                 with self.lock:
                     self._generate(batch)
-            except Exception as exc:  # noqa: BLE001 - every client of the batch hears of it; the engine goes on
+            except Exception as exc:  # noqa: BLE001 - every client of the batch hears of it; the batcher goes on
                 log.exception("batch of %d failed", len(batch))
                 for ticket in batch:
                     with contextlib.suppress(Exception):  # one client's broken callback stops no other

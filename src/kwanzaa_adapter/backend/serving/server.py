@@ -49,7 +49,7 @@ def create_app(model: CausalLMModel, limits: ServeLimits = ServeLimits(), api_ke
                options: ServeOptions = ServeOptions()) -> FastAPI:
     """The FastAPI app over `model` (`app`). `api_key` None: the server is open (bind it to loopback).
 
-    `app.state.engine` is the batch engine; whoever runs the app closes it (`serve` does).
+    `app.state.batcher` is the request batcher; whoever runs the app closes it (`serve` does).
     """
     from kwanzaa_adapter.backend.serving.app import build_app
 
@@ -66,22 +66,22 @@ def serve(model: CausalLMModel, host: str = "127.0.0.1", port: int = 8000, limit
     import uvicorn
 
     app = create_app(model, limits, api_key, options)
-    engine = app.state.engine
+    batcher = app.state.batcher
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
-            engine.begin_close(options.shutdown_grace_s)  # no new requests; those taken have the grace
+            batcher.begin_close(options.shutdown_grace_s)  # no new requests; those taken have the grace
             super().handle_exit(sig, frame)
             # uvicorn re-raises a captured signal once it has shut down, so the process would end "killed
             # by SIGTERM"; a drained shutdown is a clean exit (0).
             if sig == signal.SIGTERM and sig in getattr(self, "_captured_signals", []):
                 self._captured_signals.remove(sig)
 
-    # uvicorn waits for open connections a little longer than the engine's grace: their error events go out.
+    # uvicorn waits for open connections a little longer than the batcher's grace: their error events go out.
     config = uvicorn.Config(app, host=host, port=port, log_level="info",
                             timeout_graceful_shutdown=options.shutdown_grace_s + 5)
     Server(config).run()
-    engine.close(0)
+    batcher.close(0)
     app.state.grammars.close()
 
 

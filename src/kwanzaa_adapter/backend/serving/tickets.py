@@ -1,4 +1,4 @@
-"""A request to the batch engine, as the engine and the event loop both see it: a `Ticket` (prompt ids,
+"""A request to the request batcher, as the batcher and the event loop both see it: a `Ticket` (prompt ids,
 limits, sampling settings and random state, stop sequences, constraint, the `emit` callback, and the
 answer as it grows), the `Event`s it emits, and the errors that refuse or end one."""
 
