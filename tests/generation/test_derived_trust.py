@@ -20,14 +20,9 @@ from kwanzaa_adapter.config import load_training_config
 from kwanzaa_adapter.generation import engines
 from kwanzaa_adapter.modeling.derived import DERIVED_RECORD, DerivationError, check_derived, derived_gguf
 from kwanzaa_adapter.safety.artifacts import sha256_file
-from tests.generation.test_fast_engine import _adapted
+from tests.generation.test_fast_engine import adapted  # noqa: F401 (the module fixture)
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp engine is built by `make setup`")
-
-
-@pytest.fixture(scope="module")
-def adapted(tokenizer):
-    return _adapted(tokenizer)
 
 
 @pytest.fixture(scope="module")
