@@ -33,11 +33,10 @@ from kwanzaa_adapter.data.records import ChatExample, RagRecord, render_record, 
 DATA_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(DATA_DIR))  # the sibling modules, also when a test loads this file by path
 from decisions import DECISIONS_FILE, build_decisions, decisions_summary, user_turns  # noqa: E402
+from paraphrase import PARAPHRASE_MAX_SHARED, check_paraphrase, paraphrase_shares  # noqa: E402, F401
 from source_models import (  # noqa: E402
     GRADED_SPLITS, NEAR_MISS_SOURCE, PLACEHOLDER, SOURCE_DIR, NearMiss, RefusalKind, SourceDocument, SourceQuestion,
     distractors, load_near_misses, load_sources)
-
-from kwanzaa_adapter.evaluation.metrics import content_words  # noqa: E402
 
 SEED = 1966
 SPLITS = ("train", "eval", "heldout", "paraphrase")
@@ -49,9 +48,6 @@ DOC_COUNTS: dict[str, dict[int, int]] = {
     "heldout": {2: 30, 3: 30, 4: 25, 5: 15},
     "paraphrase": {2: 30, 3: 30, 4: 25, 5: 15},
 }
-# The paraphrase set's answerable questions share at most this share of their content words with
-# their gold documents, so that word matching does not find the answer.
-PARAPHRASE_MAX_SHARED = 0.4
 # A dialogue of several questions shows at most this many documents, so that the longest stays
 # within the demo's max_seq_length of 1024 tokens.
 DIALOGUE_MAX_DOCS = 3
@@ -281,29 +277,6 @@ def build_outputs(source_dir: Path = SOURCE_DIR) -> dict[str, str]:
     check_paraphrase(questions, documents)
     check_eval_only(outputs)
     return outputs
-
-
-def paraphrase_shares(questions: list[SourceQuestion], documents: dict[str, SourceDocument]) -> dict[str, float]:
-    """Question id -> share of its content words that its gold documents (title and text) hold, for every
-    answerable question of the paraphrase set."""
-    shares = {}
-    for question in questions:
-        if question.split == "paraphrase" and not question.is_refusal:
-            words = content_words(question.question)
-            gold = set().union(*(content_words(f"{documents[d].title} {documents[d].text}") for d in question.doc_ids))
-            shares[question.id] = len(words & gold) / len(words) if words else 1.0
-    return shares
-
-
-def check_paraphrase(questions: list[SourceQuestion], documents: dict[str, SourceDocument]) -> dict[str, float]:
-    """The paraphrase set's shares (`paraphrase_shares`); raises naming every question over PARAPHRASE_MAX_SHARED."""
-    shares = paraphrase_shares(questions, documents)
-    over = {qid: share for qid, share in shares.items() if share > PARAPHRASE_MAX_SHARED}
-    if over:
-        raise ValueError("paraphrase questions sharing more than "
-                         f"{PARAPHRASE_MAX_SHARED:.0%} of their content words with their gold documents: "
-                         + ", ".join(f"{qid} ({share:.0%})" for qid, share in sorted(over.items())))
-    return shares
 
 
 TRAINING_SIDE = ("kwanzaa_train.jsonl", "kwanzaa_train_records.jsonl", MIX_FILE, NEAR_MISS_FILE, DECISIONS_FILE)
