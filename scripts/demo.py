@@ -1,7 +1,8 @@
 """`make demo`: train the CPU demo adapter end to end, verify it, and print its summary and wall time.
 
 Before training it prints the dry run's plan: the precision this machine resolves, the memory
-estimate and the estimated wall time; at the end the measured time beside that estimate.
+estimate and the estimated wall time; at the end the measured time beside that estimate, every variant
+on the eval-only sets (held-out topics, paraphrased questions), and the path of the run report.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def backend_check(config: str, artifact: Path) -> int:
         # Without the grammar: the answer must parse because the adapter learned the contract, not because
         # decoding forced it (the product default, constrained, makes even the untrained base parse).
         command = ["generate", "--config", config, "--adapter", str(artifact), "--input", str(record),
-                   "--no-constrained"]
+                   "--no-constrained", "--json"]
         code, output = run_cli(command)
         if code:
             return 1
@@ -77,17 +78,6 @@ def backend_check(config: str, artifact: Path) -> int:
         code, _ = run_cli(command)
         print(f"exit code {code}")
         return 0 if code == 1 else 1
-
-
-def measured_phases(metadata: dict, wall: float) -> dict[str, float]:
-    """The main job's wall time split as the estimate splits it (from metadata.json's timings)."""
-    t = metadata["timings"]
-    eval_loss = t.get("eval_loss_seconds") or 0.0
-    phases = {"training": (t.get("train_seconds") or 0.0) - eval_loss, "eval-loss passes": eval_loss}
-    if t.get("gate_seconds") is not None:
-        phases["gate fitting"] = t["gate_seconds"]
-    phases["behavioral evaluation"] = t.get("behavioral_seconds") or 0.0
-    return {"load, checksums, artifact": wall - sum(phases.values()), **phases}
 
 
 def gate_summary(metadata: dict) -> str:
@@ -114,13 +104,14 @@ def evidence_summary(metadata: dict) -> str:
 def run(config: str = "configs/demo.yaml") -> int:
     configure_logging()
     from kwanzaa_adapter.cli.dryrun import make_plan
+    from kwanzaa_adapter.reporting.run_report import phase_seconds
     from kwanzaa_adapter.training.workflow import train_adapter
 
     print(f"$ kwanzaa-adapter train --config {config} --dry-run", flush=True)
     plan = make_plan(config)
     print(plan.text, flush=True)
     started = time.perf_counter()
-    result = train_adapter(config)
+    result = train_adapter(config, estimate=plan.eta.phases if plan.eta else None)
     wall = time.perf_counter() - started
     print(f"\nartifact v{result.version} published at {result.artifact_dir}")
     for step in (["verify", str(result.artifact_dir)], ["info", str(result.artifact_dir)]):
@@ -154,12 +145,35 @@ def run(config: str = "configs/demo.yaml") -> int:
     s = result.summary
     if plan.eta:
         print("\nwall time by phase, estimated before the run and measured:")
-        for name, seconds in measured_phases(metadata, wall).items():
+        for name, seconds in phase_seconds(metadata["timings"], wall).items():
             print(f"  {name:<28} {plan.eta.phases.get(name, 0.0):7.0f} s  {seconds:7.0f} s")
     estimated = f"{plan.eta.total / 60:.1f} min" if plan.eta else "no estimate"
     print(f"\ndemo main job wall time: {wall / 60:.1f} min ({wall:.0f} s; estimated {estimated}); "
           f"precision {plan.precision.resolved}; peak RSS {peak_rss_mib():.0f} MiB; "
           f"train tokens/s {s.get('mean_tokens_per_second') or 0:.0f}; final eval loss {s.get('final_eval_loss'):.4f}")
+    if result.behavior is not None and measure_other_sets(config, result):
+        return 1
+    code, output = run_cli(["report", str(result.run_dir)])
+    if code:
+        return code
+    print(f"\nopen the run report: {output.strip().removeprefix('run report: ')}")
+    return 0
+
+
+# The sets no training step reads: the held-out topics and the paraphrased questions (data/README.md).
+OTHER_SETS = {"heldout": "data/kwanzaa_heldout.jsonl", "paraphrase": "data/kwanzaa_paraphrase.jsonl"}
+
+
+def measure_other_sets(config: str, result) -> int:
+    """Every variant on the eval-only sets, kept under the run (evals/NAME/) where the report finds them."""
+    from kwanzaa_adapter.reporting.run_report import EVALS_DIRNAME
+
+    for name, data in OTHER_SETS.items():
+        output = result.run_dir / EVALS_DIRNAME / name / "metrics.json"
+        code, _ = run_cli(["eval", "--config", config, "--adapter", str(result.artifact_dir), "--data", data,
+                           "--output", str(output)])
+        if code:
+            return code
     return 0
 
 

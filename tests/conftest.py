@@ -147,3 +147,19 @@ def tiny_run_config(tmp_path, tiny_model_dir):
         return write_run_config(tmp_path, tiny_model_dir, name, **sections)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def gated_run(tmp_path_factory, tiny_model_dir):
+    """(run config, decision file, TrainResult) of one tiny run with everything a run makes: the gate and the
+    evidence selector fitted, every variant measured on the eval records, the run report. Defined here so that
+    every module shares the one run."""
+    from kwanzaa_adapter.training.workflow import train_adapter
+
+    directory = tmp_path_factory.mktemp("gated-run")
+    decisions = write_subset(ROOT / "data" / "kwanzaa_decisions.jsonl", directory / "decisions.jsonl", 36)
+    config = write_run_config(directory, tiny_model_dir, train_rows=16, eval_rows=6,
+                              gate={"fit": True, "decision_file": str(decisions), "layers": [1, 2], "folds": 3},
+                              evidence={"fit": True, "apply": "hold", "grounding_check": True},
+                              evaluation={"behavioral": True, "max_new_tokens": 24, "batch_size": 6})
+    return config, decisions, train_adapter(config)

@@ -49,17 +49,6 @@ def test_backend_check_fails_when_generate_exits_0_with_an_invalid_answer(monkey
     assert "not a contract answer" in capsys.readouterr().err
 
 
-def test_measured_phases_split_the_wall_time_as_the_estimate_does():
-    metadata = {"timings": {"total_seconds": 700.0, "train_seconds": 500.0, "eval_loss_seconds": 40.0,
-                            "behavioral_seconds": 150.0}}
-    phases = demo.measured_phases(metadata, wall=720.0)
-    assert phases == {"load, checksums, artifact": 70.0, "training": 460.0, "eval-loss passes": 40.0,
-                      "behavioral evaluation": 150.0}
-    metadata["timings"]["gate_seconds"] = 60.0
-    phases = demo.measured_phases(metadata, wall=720.0)
-    assert phases["gate fitting"] == 60.0 and phases["load, checksums, artifact"] == 10.0
-
-
 def test_backend_check_asks_for_the_adapters_own_output_not_the_grammars(monkeypatch, tmp_path):
     """Under the contract's grammar even the untrained base scores json 0.314 (no training needed): the demo's
     answer must parse without it, or it shows nothing the adapter learned. The tampered copy runs the same."""

@@ -39,17 +39,9 @@ def test_the_gold_sentence_is_the_cited_documents_sentence_closest_to_the_answer
     assert sentences[place].startswith("Kwanzaa was created by Maulana Karenga")
 
 
-@pytest.fixture(scope="module")
-def evidence_run(tmp_path_factory, tiny_model_dir):
-    from conftest import write_run_config, write_subset
-
-    directory = tmp_path_factory.mktemp("evidence")
-    decisions = write_subset(ROOT / "data" / "kwanzaa_decisions.jsonl", directory / "decisions.jsonl", 36)
-    config = write_run_config(directory, tiny_model_dir, train_rows=16, eval_rows=6,
-                              gate={"fit": True, "decision_file": str(decisions), "layers": [1, 2], "folds": 3},
-                              evidence={"fit": True, "apply": "hold", "grounding_check": True},
-                              evaluation={"behavioral": True, "max_new_tokens": 24, "batch_size": 6})
-    return config, decisions, train_adapter(config)
+@pytest.fixture
+def evidence_run(gated_run):
+    return gated_run
 
 
 def test_the_workflow_fits_the_selector_in_the_gates_pass_and_seals_it(evidence_run):

@@ -227,7 +227,8 @@ def test_eval_command_compares_base_and_adapter_and_writes_predictions(trained, 
     metrics = json.loads(output.read_text())
     names = {"json_validity_rate", "citation_rate", "refusal_correctness_rate", "retrieval_groundedness_rate",
              "gold_citation_rate", "answer_correctness_rate", "gold_citation_precision", "exact_answer_rate"}
-    assert set(metrics) == {"base", "lexical", "adapter", "engine", "baselines"}
+    assert set(metrics) == {"base", "lexical", "adapter", "engine", "baselines", "data"}
+    assert metrics["data"] == {"file": str(result.run_dir.parent.parent / "eval.jsonl"), "records": 4}
     assert set(metrics["base"]) == set(metrics["lexical"]) == set(metrics["adapter"]) == names
     assert metrics["engine"] == {"base": {"engine": "reference"}, "adapter": {"engine": "reference"}}
     rows = [json.loads(line) for line in (output.parent / "eval_predictions.jsonl").read_text().splitlines()]

@@ -17,6 +17,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     from kwanzaa_adapter.generation.llamacpp_api import EngineUnavailable
     from kwanzaa_adapter.modeling.derived import DerivationError
     from kwanzaa_adapter.modeling.sources import ModelReferenceError
+    from kwanzaa_adapter.reporting.run_report import ReportError
     from kwanzaa_adapter.safety.artifacts import ArtifactError
     from kwanzaa_adapter.tracking.registry import RegistryError
     from kwanzaa_adapter.training.rundir import RunDirectoryError
@@ -24,7 +25,7 @@ def bad_input_errors() -> tuple[type[Exception], ...]:
     # SigningKeyError (an unusable key file) is an ArtifactError. EngineUnavailable and DerivationError:
     # inference.engine llama.cpp (or export --format gguf) where llama.cpp is not built or cannot convert.
     return (ConfigError, DataError, EvaluationDataError, ModelReferenceError, RunDirectoryError, ArtifactError,
-            RegistryError, EngineUnavailable, DerivationError)
+            RegistryError, EngineUnavailable, DerivationError, ReportError)
 
 
 def verification_errors() -> tuple[type[Exception], ...]:

@@ -24,9 +24,12 @@ def cmd_train(args) -> int:
 
         print(plan_run(args.config, tuple(args.set), args.output_dir))
         return EXIT_OK
+    from kwanzaa_adapter.cli.dryrun import make_plan
     from kwanzaa_adapter.training.workflow import train_adapter
 
-    result = train_adapter(args.config, tuple(args.set), args.output_dir, resume=args.resume)
+    plan = make_plan(args.config, tuple(args.set), args.output_dir)  # its estimate goes into the run report
+    result = train_adapter(args.config, tuple(args.set), args.output_dir, resume=args.resume,
+                           estimate=plan.eta.phases if plan.eta else None)
     if result.artifact_dir is None:  # a replica of a multi-process run: the main process reports
         return EXIT_OK
     print(f"artifact v{result.version}: {result.artifact_dir}")
@@ -38,6 +41,15 @@ def cmd_train(args) -> int:
           f"{s.get('steps')} steps, {s.get('mean_tokens_per_second') or 0:.0f} tokens/s")
     if result.behavior is not None:
         print(result.behavior.table())
+    if result.report is not None:
+        print(f"run report: {result.report}")
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from kwanzaa_adapter.reporting.run_report import write_report
+
+    print(f"run report: {write_report(args.run, args.output, tuple(Path(p) for p in args.eval))}")
     return EXIT_OK
 
 
@@ -210,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="eval JSONL (RAG records, or chat form with meta.documents); default data.eval_file")
     p.add_argument("--output", help="write the metrics JSON here, eval_predictions.jsonl beside it")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="write a run's report.html: what was trained, the proofs, training curves, "
+                                      "every variant's rates and the answers behind them (one offline page)")
+    p.add_argument("run", metavar="RUN_DIR_OR_ARTIFACT", help="a run directory, or its final_artifact")
+    p.add_argument("--output", help="the HTML file to write (default RUN_DIR/report.html)")
+    p.add_argument("--eval", action="append", default=[], metavar="METRICS_JSON",
+                   help="also show an `eval --output` result (repeatable; RUN_DIR/evals/*/metrics.json are shown "
+                        "without it)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("verify", help="check an artifact's completeness and integrity (and its signature)")
     p.add_argument("artifact_dir")

@@ -45,6 +45,7 @@ class BehaviorReport:
     lexical: EvalRun | None = None  # the word-overlap rules (`baselines`), no model
     baselines: dict | None = None  # how the baselines were made (the lexical threshold and its fit)
     finished: EvalRun | None = None  # the gated (else plain) answers with the evidence and grounding applied
+    data: dict | None = None  # the eval file measured: {"file", "records"}
 
     @property
     def runs(self) -> list[EvalRun]:
@@ -61,7 +62,8 @@ class BehaviorReport:
 
     def as_json(self) -> dict:
         result = comparison_json(self.runs)
-        for key, value in (("gate", self.gate), ("engine", self.engine), ("baselines", self.baselines)):
+        for key, value in (("gate", self.gate), ("engine", self.engine), ("baselines", self.baselines),
+                           ("data", self.data)):
             if value is not None:
                 result[key] = value
         return result
@@ -127,7 +129,8 @@ def measure_behavior(config: KwanzaaConfig, model, tokenizer, data_file: str | P
                             gate=gate.describe() if gate is not None else None,
                             engine={label: choice.describe() for label, choice in engines.items()}, lexical=lexical,
                             baselines={"base": "the base model under the contract's grammar",
-                                       LEXICAL: lexical_rules.describe()}, finished=finished)
+                                       LEXICAL: lexical_rules.describe()}, finished=finished,
+                            data={"file": str(data_file or config.data.eval_file), "records": len(items)})
     log.info("behavioral metrics:\n%s", report.table())
     return report
 

@@ -185,9 +185,9 @@ COLORS = {"base": "#9e9e9e", "lexical": "#ff7f0e", "adapter": "#1f77b4", "adapte
           "adapter+evidence": "#9467bd", "adapter+gate+evidence": "#d62728"}
 
 
-def plot_comparison(columns: Mapping[str, Mapping], path: str | Path, title: str = "Behavioral metrics") -> Path:
-    """Grouped bar chart of the rates, one bar per run ({label: rates}, in order), values on the bars; PNG."""
-    # The object-oriented Figure renders with Agg without touching pyplot's global backend.
+def comparison_figure(columns: Mapping[str, Mapping], title: str = "Behavioral metrics"):
+    """Grouped bar chart of the rates, one bar per run ({label: rates}, in order), values on the bars: a
+    matplotlib Figure (the object-oriented API renders with Agg without touching pyplot's global backend)."""
     from matplotlib.figure import Figure
 
     metrics = list(dict.fromkeys(metric for rates in columns.values() for metric in rates))
@@ -205,7 +205,12 @@ def plot_comparison(columns: Mapping[str, Mapping], path: str | Path, title: str
     axes.set_ylabel("rate")
     axes.set_title(f"{title}: {', '.join(columns)}")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    return figure
+
+
+def plot_comparison(columns: Mapping[str, Mapping], path: str | Path, title: str = "Behavioral metrics") -> Path:
+    """`comparison_figure` as a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=120)
+    comparison_figure(columns, title).savefig(path, format="png", dpi=120)
     return path

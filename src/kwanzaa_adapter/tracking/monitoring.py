@@ -17,12 +17,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-
-from kwanzaa_adapter.config import ConfigError, KwanzaaConfig  # noqa: E402
+from kwanzaa_adapter.config import ConfigError, KwanzaaConfig
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +180,18 @@ def _last(values: list[float]) -> str:
     return f" (last {values[-1]:.3g})" if values else ""
 
 
-def plot_training_curves(history: list[dict], path: Path, title: str = "") -> Path:
-    """Train and eval loss, learning rate, gradient norm per optimizer step, as one PNG."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    loss_ax, lr_ax, grad_ax = axes
+PANELS = (("learning_rate", "Learning rate", "tab:green"), ("grad_norm", "Gradient norm (before clipping)", "tab:red"),
+          ("tokens_per_second", "Training tokens/s", "tab:purple"))
+
+
+def training_curves_figure(history: list[dict], title: str = ""):
+    """Train and eval loss, learning rate, gradient norm and tokens/s per optimizer step: one matplotlib
+    Figure (the object-oriented API renders with Agg without touching pyplot's global state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 3.6), layout="constrained")
+    axes = fig.subplots(1, 4)
+    loss_ax = axes[0]
     for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
         steps, values = _series(history, key)
         if steps:
@@ -197,20 +200,22 @@ def plot_training_curves(history: list[dict], path: Path, title: str = "") -> Pa
     loss_ax.set_ylabel("cross-entropy per token")
     if loss_ax.get_legend_handles_labels()[0]:
         loss_ax.legend()
-    for ax, key, name, color in ((lr_ax, "learning_rate", "Learning rate", "tab:green"),
-                                 (grad_ax, "grad_norm", "Gradient norm (before clipping)", "tab:red")):
+    for ax, (key, name, color) in zip(axes[1:], PANELS):
         steps, values = _series(history, key)
         ax.plot(steps, values, "-", color=color, label=key + _last(values))
         ax.set_title(name)
         if steps:
             ax.legend()
-    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    return fig
+
+
+def plot_training_curves(history: list[dict], path: Path, title: str = "") -> Path:
+    """`training_curves_figure` as one PNG."""
+    training_curves_figure(history, title).savefig(path, dpi=110, metadata={"Software": None})
     return path

@@ -282,11 +282,16 @@ tokenizer = AutoTokenizer.from_pretrained("<base model directory or hub id>")
 Base weights were checksummed before and after training and are unchanged. Every file of this
 artifact is listed with its SHA-256 in `checksums.json`; `metadata.json` records the library
 versions, hardware, dataset digests and timings.
+
+The [run report](../report.html) (`report.html`, in the run directory above this artifact) shows the
+training curves, the proofs with their results, every variant's rates and the answers behind them. It is
+not part of the sealed artifact: it shows this artifact's verification, so it is written after sealing, and
+it reads the run's training log and predictions; `kwanzaa-adapter report RUN_DIR` writes it again.
 """
 
 
 def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior=None,
-                          check=None, gate=None, selector=None) -> Path:
+                          check=None, gate=None, selector=None, estimate=None) -> Path:
     """Write final_artifact/ atomically (temporary directory, then rename) and seal it.
 
     `check(staging)` runs on the sealed artifact before it is renamed into place: a run killed or
@@ -300,6 +305,8 @@ def save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, star
     model.peft_config["default"].base_model_name_or_path = config.model.name_or_path
     model.save_pretrained(run.adapter_path, safe_serialization=True)
     metadata = create_artifact_metadata(config, bundle, datasets, outcome, run, baseline, started, behavioral, gate)
+    if estimate:  # the dry run's seconds by phase, for the report's measured-beside-estimated table
+        metadata["timings"]["estimate"] = {name: round(seconds, 1) for name, seconds in estimate.items()}
     if selector is not None:  # sealed and signed with the rest, like the gate
         metadata["evidence"] = {"file": EVIDENCE_FILE, **selector.describe()}
     with atomic_directory(run.artifact_path) as staging:

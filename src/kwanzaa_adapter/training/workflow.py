@@ -26,6 +26,7 @@ from kwanzaa_adapter.evaluation.behavior import BehaviorReport, measure_behavior
 from kwanzaa_adapter.evaluation.runs import PREDICTIONS_FILE
 from kwanzaa_adapter.modeling import loading, sources
 from kwanzaa_adapter.modeling.precision import PrecisionDecision
+from kwanzaa_adapter.reporting.run_report import write_report
 from kwanzaa_adapter.safety import signing
 from kwanzaa_adapter.safety.artifacts import verify_artifact
 from kwanzaa_adapter.safety.checksums import (
@@ -88,11 +89,13 @@ class TrainResult:
     behavior: BehaviorReport | None = None
     gate: GateFit | None = None
     published: dict = field(default_factory=dict)  # MLflow run, artifact URI, registered version
+    report: Path | None = None  # report.html in the run directory
 
 
 def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), output_dir: str | None = None,
-                  resume: bool = False, callbacks: tuple = ()) -> TrainResult:
-    """Train, verify and publish an adapter. `callbacks` are extra transformers TrainerCallbacks."""
+                  resume: bool = False, callbacks: tuple = (), estimate: dict | None = None) -> TrainResult:
+    """Train, verify and publish an adapter, then write its run report. `callbacks` are extra transformers
+    TrainerCallbacks; `estimate` is the dry run's seconds by phase, recorded beside the measured ones."""
     started = time.time()
     config = load_configuration(config_path, overrides, output_dir)  # 1
     device = loading.resolve_device(config.training.device)
@@ -110,10 +113,11 @@ def train_adapter(config_path: str | Path, overrides: tuple[str, ...] = (), outp
         if not ranks.is_main:
             return TrainResult(run.path, None, run.version, outcome.summary)
         artifact = create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate,
-                                   selector)  # 7
+                                   selector, estimate)  # 7
         validate_artifact(artifact, config.artifacts.signing)  # 8
         published = monitor.publish(artifact)  # MLflow run and model registry, once the artifact is valid
-    return TrainResult(run.path, artifact, run.version, outcome.summary, behavior, gate, published)
+        report = write_run_report(run.path)
+    return TrainResult(run.path, artifact, run.version, outcome.summary, behavior, gate, published, report)
 
 
 def load_configuration(config_path, overrides, output_dir) -> KwanzaaConfig:
@@ -257,12 +261,23 @@ def verify_weights(bundle: ModelBundle, run: RunDirectory, ranks: Ranks = Ranks(
 
 
 def create_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior, gate=None,
-                    selector=None) -> Path:
+                    selector=None, estimate=None) -> Path:
     """Step 7: final_artifact/ written to a temporary directory, signed where configured, verified
     there, and renamed into place."""
     return save_adapter_artifact(config, bundle, datasets, outcome, run, baseline, started, behavior,
                                  check=lambda staging: validate_artifact(staging, config.artifacts.signing), gate=gate,
-                                 selector=selector)
+                                 selector=selector, estimate=estimate)
+
+
+def write_run_report(run_path: Path) -> Path | None:
+    """After publication: report.html in the run directory. The artifact is published already, so a report
+    that cannot be written is a warning, with the command that writes it again, not a failed run."""
+    try:
+        return write_report(run_path)
+    except Exception as exc:  # noqa: BLE001 - nothing of the run may be lost over its report
+        log.warning("the run report was not written (%s: %s); write it with: kwanzaa-adapter report %s",
+                    type(exc).__name__, exc, run_path)
+        return None
 
 
 def validate_artifact(artifact: Path, signing_key: Path | None = None) -> None:
