@@ -68,7 +68,7 @@ def test_generate_prints_the_gate_decision_and_gate_apply_false_turns_it_off(gat
     record.write_text(json.dumps({"id": "r1", "question": "When is Kwanzaa?", "documents": [DOCUMENT],
                                   "expect_refusal": False}) + "\n")
     command = ["generate", "--config", str(config), "--adapter", str(artifact), "--input", str(record),
-               "--set", "evaluation.max_new_tokens=4"]
+               "--set", "evaluation.max_new_tokens=4", "--json"]
     assert cli(command) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["gate"]["decision"] == "refuse"

@@ -30,16 +30,20 @@ def load_model(args, validate=None):
 
 
 def cmd_generate(args) -> int:
-    from kwanzaa_adapter.cli.console import answer_records, read_records
+    from kwanzaa_adapter.cli.console import Style, answer_records, read_records, render_answer
 
     model, items = load_model(args, lambda config: read_records(args.input, config.data.system_prompt))
-    for line in answer_records(model, items, constrained=args.constrained):
-        print(json.dumps(line, ensure_ascii=False), flush=True)
+    style = Style.for_stream(sys.stdout)
+    for item, result in answer_records(model, items, constrained=args.constrained):
+        if args.json:
+            print(json.dumps({"id": item.id, **result.to_json()}, ensure_ascii=False), flush=True)
+        else:
+            print(f"{style.bold(item.id)}: {item.example.question}\n{render_answer(result, style)}", flush=True)
     return EXIT_OK
 
 
 def cmd_chat(args) -> int:
-    from kwanzaa_adapter.cli.console import load_documents, run_chat
+    from kwanzaa_adapter.cli.console import Style, load_documents, run_chat
 
     documents = load_documents(args.documents) if args.documents else []
     model, _ = load_model(args)
@@ -48,8 +52,18 @@ def cmd_chat(args) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    run_chat(model, documents, input, write, args.max_new_tokens)
+    def read(prompt: str) -> str:
+        if not args.json:
+            return input(prompt)
+        line = sys.stdin.readline()  # no prompt written: the output holds only JSON lines
+        if not line:
+            raise EOFError
+        return line.rstrip("\n")
+
+    run_chat(model, documents, read, write, args.max_new_tokens, as_json=args.json,
+             style=Style.for_stream(sys.stdout))
     return EXIT_OK
+
 
 
 def cmd_serve(args) -> int:
@@ -118,6 +132,12 @@ def model_arguments(p, adapter_required: bool = False) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value")
 
 
+def json_argument(p) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per answer ({id|question, answer | error, gate}) for scripts, not the "
+                        "rendering for people")
+
+
 def trusted_key_argument(p) -> None:
     p.add_argument("--trusted-key", action="append", default=[], metavar="PUB",
                    help="load only an adapter signed by this EC public key (repeatable; adds to "
@@ -137,16 +157,19 @@ def _positive(kind):
 def add_backend_parsers(sub) -> None:
     from kwanzaa_adapter.backend.serving.schemas import ServeLimits, ServeOptions
 
-    p = sub.add_parser("generate", help="answer each RAG record of a JSONL file; one JSON line per record")
+    p = sub.add_parser("generate", help="answer each RAG record of a JSONL file, rendered with its sources (--json: "
+                                        "one JSON line per record)")
     model_arguments(p)
+    json_argument(p)
     p.add_argument("--input", required=True, help="JSONL of RAG records (or chat lines with meta.documents)")
     p.add_argument("--constrained", action=argparse.BooleanOptionalAction, default=True,
                    help="hold each answer to the contract's JSON Schema (default on; --no-constrained: the "
                         "adapter's own output)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive questions over documents, answers streamed")
+    p = sub.add_parser("chat", help="interactive questions over documents, answers rendered with their sources")
     model_arguments(p)
+    json_argument(p)
     p.add_argument("--documents", help="JSON file: a list of documents, or an object with a documents list")
     p.add_argument("--max-new-tokens", type=int, help="generation limit (default evaluation.max_new_tokens)")
     p.set_defaults(func=cmd_chat)
