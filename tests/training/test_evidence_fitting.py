@@ -15,7 +15,6 @@ from kwanzaa_adapter.evaluation.eval_set import load_eval_items
 from kwanzaa_adapter.generation.evidence import EVIDENCE_FILE, candidates, load_evidence_selector
 from kwanzaa_adapter.safety.artifacts import verify_artifact
 from kwanzaa_adapter.training.evidence_fitting import gold_sentences
-from kwanzaa_adapter.training.workflow import train_adapter
 
 OPENING = '{"version":"kwanzaa.answer.v1","answer":{"text":"'
 

@@ -15,8 +15,9 @@ from kwanzaa_adapter.safety.checksums import is_lora_tensor
 @dataclass(frozen=True)
 class Proof:
     name: str
-    ok: bool | None  # None: cannot be told from the files at hand
+    ok: bool | None  # None: cannot be told from the files at hand, or does not apply
     detail: str
+    otherwise: str = "not shown"  # the result's word where ok is None
 
 
 def base_weights_proof(metadata: dict, run_dir: Path | None) -> Proof:
@@ -64,8 +65,8 @@ def checksums_proof(artifact: Path) -> Proof:
 def signature_proof(artifact: Path, metadata: dict) -> Proof:
     signing = metadata.get("signing")
     if not signing:
-        return Proof("signature", None, "not signed (artifacts.signing was not set; `kwanzaa-adapter sign` can sign "
-                                        "it later)")
+        return Proof("signature", None, "artifacts.signing was not set; `kwanzaa-adapter sign` can sign it later",
+                     otherwise="not signed")
     present = (artifact / SIGNATURE_NAME).is_file()
     if not present:
         return Proof("signature", False, f"the run signed it, but {SIGNATURE_NAME} is missing")

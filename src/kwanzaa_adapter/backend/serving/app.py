@@ -10,12 +10,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from kwanzaa_adapter.backend.models.causal_lm import AnswerResult, CausalLMModel
 from kwanzaa_adapter.backend.serving.batching import RequestBatcher
 from kwanzaa_adapter.backend.serving.guard import RequestGuard, error_response, rejection
 from kwanzaa_adapter.backend.serving.metrics import ServeMetrics
+from kwanzaa_adapter.backend.serving.page import render_page
 from kwanzaa_adapter.backend.serving.schema_cache import SchemaCache
 from kwanzaa_adapter.backend.serving.schemas import (
     AnswerRequest,
@@ -62,17 +63,31 @@ def build_app(model: CausalLMModel, limits: ServeLimits, api_key: str | None, op
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    page, page_headers = render_page(limits, key_required=api_key is not None)
+
+    @app.get("/")
+    def try_the_adapter() -> HTMLResponse:
+        return HTMLResponse(page, headers=page_headers)
+
     @app.post("/v1/answer")
-    async def answer(body: AnswerRequest, request: Request) -> dict:
+    async def answer(body: AnswerRequest, request: Request):
         check_answer_request(body, limits)
         tokens = generation_limit(body.max_new_tokens, model, limits, "max_new_tokens")
         ids = model.encode(model.prompt_for(body.question, body.documents), tokens)
         pending = Pending(batcher, ids, tokens, constraint=grammars.contract() if body.constrained else None,
                           gated=model.gate is not None)
+
+        def finished(text: str) -> dict:
+            result = model.finish(AnswerResult.from_output(text, pending.ticket.gate), body.question, body.documents)
+            return {"model": model.name, **result.to_json()}
+
+        if body.stream:
+            first = await pending.first_event()  # a queue timeout is still a 503, not a broken stream
+            return StreamingResponse(answer_events(pending, first, finished, metrics),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = await pending.text(request)
         metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
-        result = model.finish(AnswerResult.from_output(text, pending.ticket.gate), body.question, body.documents)
-        return {"model": model.name, **result.to_json()}
+        return finished(text)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -225,6 +240,28 @@ async def sse_events(pending: Pending, first: Event, completion: dict, metrics,
             if include_usage:
                 yield chunk(None)
             yield "data: [DONE]\n\n"
+
+
+async def answer_events(pending: Pending, first: Event, finished, metrics) -> AsyncIterator[str]:
+    """A streamed /v1/answer: `delta` events with the text as generated, then `answer` (the answer as the product
+    hands it out, `finished(text)`, with the usage and the seconds since the request was queued) or `error`."""
+
+    def event(kind: str, data: dict) -> str:
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    parts = []
+    async for item in pending.stream(first):
+        if item.kind == "delta":
+            parts.append(item.text)
+            yield event("delta", {"text": item.text})
+        elif item.kind == "error":
+            kind = "shutting_down" if type(item.error).__name__ == "ShuttingDown" else "generation_failed"
+            yield event("error", {"error": {"type": kind, "message": str(item.error)}})
+            return
+        else:
+            metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
+            seconds = time.monotonic() - pending.ticket.enqueued_at
+            yield event("answer", {**finished("".join(parts)), "usage": pending.usage(), "seconds": round(seconds, 3)})
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -23,8 +23,14 @@ def rejection(status: int, message: str) -> Exception:
     return HTTPException(status_code=status, detail=message)
 
 
+def _open(scope) -> bool:
+    """Routes anyone may reach: /healthz (alive and ready, nothing more without the key) and the page (`GET /`,
+    which holds no secret and asks the user for the key)."""
+    return scope["path"] == "/healthz" or (scope["path"] == "/" and scope["method"] in ("GET", "HEAD"))
+
+
 class RequestGuard:
-    """ASGI middleware: API key (all routes but /healthz) and request body size, before the app runs;
+    """ASGI middleware: API key (all routes but /healthz and the page) and request body size, before the app runs;
     `on_answer(route, status, seconds)` hears of every /v1/ request once its last byte is sent.
     A route reads `request.state.authorized`: the key was sent, or none is configured (/healthz says
     more to those)."""
@@ -53,7 +59,7 @@ class RequestGuard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
         authorized = self.api_key is None or self._authorized(headers)
         scope.setdefault("state", {})["authorized"] = authorized
-        if not authorized and scope["path"] != "/healthz":
+        if not authorized and not _open(scope):
             response = error_response(401, "unauthorized",
                                       "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                       {"WWW-Authenticate": "Bearer"})

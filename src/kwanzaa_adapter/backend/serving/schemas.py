@@ -54,6 +54,8 @@ class AnswerRequest(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1, description="Generation limit for this answer.")
     constrained: bool = Field(default=True, description="Contract-constrained decoding (valid JSON by "
                                                          "construction); false: the adapter's own output.")
+    stream: bool = Field(default=False, description="Server-sent events: `delta` (text as generated), then "
+                                                    "`answer` (the finished answer) or `error`.")
 
 
 class JsonSchemaFormat(BaseModel):
