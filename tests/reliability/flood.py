@@ -166,8 +166,9 @@ def _both_ways(name: str, route: str, headers: dict, body: bytes) -> Iterator[Ba
 def bad_requests(limits: ServeLimits = ServeLimits()) -> Iterator[BadRequest]:
     """Every bad request of the flood (a few hundred), in a fixed order."""
     good = _json(GOOD_ANSWER)
-    for path in (*ROUTES, "/", "/admin", "/v1/models", "/docs", "/openapi.json"):
+    for path in (*ROUTES, "/admin", "/v1/models", "/docs", "/openapi.json"):
         yield BadRequest(f"no key {path}", "POST" if path in ROUTES else "GET", path, JSON, good)
+    yield BadRequest("no key POST /", "POST", "/", JSON, good)  # GET / is the page, open like /healthz
     for name, value in {"wrong key": f"Bearer {KEY}x", "prefix of key": f"Bearer {KEY[:-1]}",
                         "basic scheme": f"Basic {KEY}", "bearer only": "Bearer", "no scheme": KEY,
                         "long key": "Bearer " + "k" * 8000, "lower case key": f"Bearer {KEY.upper()}",

@@ -189,7 +189,9 @@ def training_curves_figure(history: list[dict], title: str = ""):
     Figure (the object-oriented API renders with Agg without touching pyplot's global state)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(15, 3.6), layout="constrained")
+    fig = Figure(figsize=(15, 3.6))
+    # a fixed layout: half the drawing time of a constrained one, paid by every run
+    fig.subplots_adjust(left=0.045, right=0.99, bottom=0.14, top=0.84 if title else 0.9, wspace=0.25)
     axes = fig.subplots(1, 4)
     loss_ax = axes[0]
     for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
