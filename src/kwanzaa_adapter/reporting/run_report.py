@@ -20,7 +20,7 @@ import jinja2
 
 from kwanzaa_adapter.evaluation.eval_set import EvaluationDataError, load_eval_items
 from kwanzaa_adapter.evaluation.metrics import aggregate
-from kwanzaa_adapter.evaluation.runs import COLORS, PREDICTIONS_FILE, comparison_figure
+from kwanzaa_adapter.evaluation.runs import PREDICTIONS_FILE, comparison_figure
 from kwanzaa_adapter.reporting.answers import KINDS, group_answers
 from kwanzaa_adapter.reporting.figures import gate_figure, phases_figure, svg
 from kwanzaa_adapter.reporting.proofs import artifact_proofs, cpu_class
@@ -47,6 +47,8 @@ class EvalSetView:
     chart: str
     groups: list = field(default_factory=list)
     note: str | None = None
+    rows: dict[str, list[dict]] = field(default_factory=dict)  # each variant's rows, by label
+    examples: dict = field(default_factory=dict)  # {id: example} of the set's file (empty when unreadable)
 
 
 def locate(path: str | Path) -> tuple[Path | None, Path]:
@@ -101,7 +103,7 @@ def eval_set_view(name: str, file: str, rows: list[dict], prefix: str) -> EvalSe
     product = list(by_label)[-1]  # runs are written baselines first, the product's answers last
     groups = [group_answers(product, by_label[product], examples, f"{prefix}-{product.replace('+', '-')}")]
     chart = svg(comparison_figure(columns, title=name))
-    return EvalSetView(name, file, columns, chart, groups, note)
+    return EvalSetView(name, file, columns, chart, groups, note, by_label, examples)
 
 
 def eval_sets(run_dir: Path | None, metadata: dict, extra: tuple[Path, ...]) -> list[EvalSetView]:
@@ -132,21 +134,20 @@ def phase_seconds(timings: dict, total: float | None = None) -> dict[str, float]
     return {"load, checksums, artifact": max(0.0, total - sum(phases.values())), **phases}
 
 
-def gate_view(metadata: dict, sets: list[EvalSetView], run_dir: Path | None) -> dict | None:
-    """The gate's block, threshold and calibration, and its probabilities on the run's eval split by class."""
+def gate_view(metadata: dict, sets: list[EvalSetView]) -> dict | None:
+    """The gate's block, threshold and calibration, and its probabilities on the first set (the run's eval
+    split) by class."""
     gate = metadata.get("gate")
     if not gate:
         return None
     view = {"layer": gate["layer"], "threshold": gate["threshold"], "auc": gate.get("calibration_auc"),
             "examples": gate.get("examples"), "refusals": gate.get("refusals"), "chart": None}
-    if run_dir is None or not sets:
+    if not sets:
         return view
-    rows = [r for r in _jsonl(run_dir / PREDICTIONS_FILE) if r["model"] == GATED and r.get("refuse_probability")
-            is not None]
-    examples, _ = _examples(sets[0].file)
+    rows = [r for r in sets[0].rows.get(GATED, []) if r.get("refuse_probability") is not None]
     classes = {True: [], False: []}
     for row in rows:
-        example = examples.get(row["id"])
+        example = sets[0].examples.get(row["id"])
         if example is not None:
             classes[example.expect_refusal].append(row["refuse_probability"])
     if rows and (classes[True] or classes[False]):
@@ -167,13 +168,13 @@ def build_context(path: str | Path, extra_evals: tuple[Path, ...] = ()) -> dict:
     sets = eval_sets(run_dir, metadata, tuple(extra_evals))
     return {
         "metadata": metadata, "summary": metrics.get("summary") or {}, "artifact": str(artifact),
-        "run_dir": str(run_dir) if run_dir is not None else None, "cpu": cpu_class(metadata),
+        "cpu": cpu_class(metadata),
         "datasets": metadata.get("datasets", {}), "proofs": artifact_proofs(artifact, metadata, run_dir),
         "curves": svg(training_curves_figure(history)) if history else None,
         "phases": [(name, seconds, (estimated or {}).get(name)) for name, seconds in measured.items()],
         "phases_chart": svg(phases_figure(measured, estimated)) if timings else None,
-        "estimated": estimated, "sets": sets, "gate": gate_view(metadata, sets, run_dir),
-        "kinds": KINDS, "colors": COLORS, "baselines": (metrics.get("behavioral") or {}).get("baselines"),
+        "estimated": estimated, "sets": sets, "gate": gate_view(metadata, sets),
+        "kinds": KINDS, "baselines": (metrics.get("behavioral") or {}).get("baselines"),
     }
 
 

@@ -215,6 +215,12 @@ class Pending:
                 self.ticket.cancel()
 
 
+def stream_error(error: Exception) -> dict:
+    """An error after a stream's status line was sent, as the stream reports it."""
+    kind = "shutting_down" if type(error).__name__ == "ShuttingDown" else "generation_failed"
+    return {"error": {"type": kind, "message": str(error)}}
+
+
 async def sse_events(pending: Pending, first: Event, completion: dict, metrics,
                      include_usage: bool = False) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events, then `data: [DONE]`; an error mid-stream is an error event.
@@ -231,8 +237,7 @@ async def sse_events(pending: Pending, first: Event, completion: dict, metrics,
         if event.kind == "delta":
             yield chunk({"content": event.text})
         elif event.kind == "error":  # the status line is sent already: report it in the stream
-            kind = "shutting_down" if type(event.error).__name__ == "ShuttingDown" else "generation_failed"
-            yield f"data: {json.dumps({'error': {'type': kind, 'message': str(event.error)}})}\n\n"
+            yield f"data: {json.dumps(stream_error(event.error))}\n\n"
             return
         else:
             metrics.first_token.labels("/v1/chat/completions").observe(pending.first_token_s)
@@ -255,8 +260,7 @@ async def answer_events(pending: Pending, first: Event, finished, metrics) -> As
             parts.append(item.text)
             yield event("delta", {"text": item.text})
         elif item.kind == "error":
-            kind = "shutting_down" if type(item.error).__name__ == "ShuttingDown" else "generation_failed"
-            yield event("error", {"error": {"type": kind, "message": str(item.error)}})
+            yield event("error", stream_error(item.error))
             return
         else:
             metrics.first_token.labels("/v1/answer").observe(pending.first_token_s)
